@@ -1,0 +1,19 @@
+"""`softmax`: the unmodified pretrained model, the parent row of every table."""
+from __future__ import annotations
+
+from linbench.methods.base import Method
+
+
+class Softmax(Method):
+    name = "softmax"
+
+    def linearize(self, model):
+        return model
+
+    def state_bytes(self, model, seqlen: int) -> int:
+        """KV cache: 2 (k and v) x layers x kv heads x head dim x seqlen x element size."""
+        c = model.config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        elem = next(model.parameters()).element_size()
+        return 2 * c.num_hidden_layers * kv_heads * head_dim * seqlen * elem
