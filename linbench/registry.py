@@ -43,6 +43,12 @@ class Registry:
     def names(self) -> list[str]:
         return sorted(self._table())
 
+    def check(self, name: str) -> None:
+        """Raise the standard one-line error for an unknown name, importing nothing."""
+        table = self._table()
+        if name not in table:
+            raise one_of(self.kind[:-1], name, table)
+
     def get(self, name: str):
         table = self._table()
         if name not in table:

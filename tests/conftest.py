@@ -1,0 +1,38 @@
+"""Shared fixtures: a tiny random Llama (seconds) and the embedded SmolLM2 tokenizer."""
+from __future__ import annotations
+
+import os
+
+# Triton kernels run in the CPU interpreter when no GPU is present. Must be set before
+# any Triton kernel module is imported.
+try:
+    import torch
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:  # pragma: no cover
+    pass
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    """The embedded SmolLM2 tokenizer (needs `linbench fetch`)."""
+    from linbench.models import load_tokenizer
+    return load_tokenizer("smollm2-135m")
+
+
+def make_tiny_llama(vocab_size: int = 49152, seed: int = 0, **overrides):
+    """A 2-layer random Llama with GQA (4 heads, 2 kv heads), built in milliseconds."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               max_position_embeddings=2048, tie_word_embeddings=True)
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny_llama()
