@@ -106,3 +106,15 @@ def test_report_prints_tables(invoke, plugin_path, tiny_model_dir, tmp_path):
            "--suite", "plugin-nll", "--results", str(results), "--quiet")
     code, out, _ = invoke("report", "--results", str(results))
     assert code == 0 and "| plugin-identity |" in out and "| softmax |" in out
+
+
+def test_unreachable_hub_id_is_one_clear_line(tmp_path):
+    import os
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-m", "linbench.cli", "run", "--methods", "softmax",
+                          "--suite", "mmlu5", "--model", "someorg/not-cached",
+                          "--results", str(tmp_path / "r")], capture_output=True, text=True, env=env)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1].startswith(
+        "linbench: error: model 'someorg/not-cached' is not a directory")
+    assert not (tmp_path / "r").exists()
