@@ -1,0 +1,160 @@
+"""Plumbing shared by the suites that run through lm-eval (mmlu5, commonsense).
+
+A run goes: write task YAMLs (a template copied from package data + one small YAML per
+task naming local data files) into a scratch dir -> `TaskManager(include_path=dir,
+include_defaults=False)` -> `evaluator.evaluate(HFLM(pretrained=<model object>), ...)`
+-> per-sample results, which the suite aggregates itself.
+
+Deliberately not used: `simple_evaluate` (it reseeds the global random/numpy/torch
+generators and shells out to git), lm-eval's response cache (`use_cache`: it keys on
+the request text only, not on the model, so two models would share answers) and its
+request cache (`cache_requests`).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.metadata
+import math
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterator
+
+from linbench.suites.base import Metric
+
+OFFLINE_ENV = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
+
+
+def lm_eval_version() -> str:
+    return importlib.metadata.version("lm_eval")
+
+
+def bundled_tasks_dir() -> Path:
+    """lm-eval's own task folder (lm_eval/tasks), located without importing lm_eval."""
+    import importlib.util
+    spec = importlib.util.find_spec("lm_eval")
+    return Path(spec.submodule_search_locations[0]) / "tasks"
+
+
+def template_text(name: str) -> str:
+    """A task template shipped as package data in linbench/suites/tasks/."""
+    return resources.files("linbench.suites.tasks").joinpath(name).read_text()
+
+
+def write_task_dir(directory: Path, template_name: str, template: str,
+                   tasks: list[dict[str, Any]]) -> Path:
+    """Write `template` as `template_name` and one `<task>.yaml` per config dict.
+
+    Each task dict should carry `include: template_name` to inherit the template. The
+    template name must not end in .yaml so that lm-eval does not index it as a task.
+    """
+    import yaml
+    assert not template_name.endswith(".yaml"), template_name
+    directory.mkdir(parents=True, exist_ok=True)
+    for old in directory.glob("*.yaml"):  # a stale task from an earlier run must not load
+        old.unlink()
+    (directory / template_name).write_text(template)
+    for cfg in tasks:
+        text = yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True, width=10_000)
+        (directory / f"{cfg['task']}.yaml").write_text(text)
+    return directory
+
+
+@contextlib.contextmanager
+def offline() -> Iterator[None]:
+    """No Hub access for the duration: environment and the already-imported flags.
+
+    datasets and huggingface_hub read HF_*_OFFLINE once at import time, so setting the
+    environment alone is not enough once they are imported; both are restored after.
+    """
+    import datasets.config
+    import huggingface_hub.constants as hub_constants
+    saved_env = {k: os.environ.get(k) for k in OFFLINE_ENV}
+    saved = [(datasets.config, "HF_HUB_OFFLINE"), (datasets.config, "HF_DATASETS_OFFLINE"),
+             (hub_constants, "HF_HUB_OFFLINE")]
+    saved = [(mod, attr, getattr(mod, attr)) for mod, attr in saved if hasattr(mod, attr)]
+    try:
+        for k in OFFLINE_ENV:
+            os.environ[k] = "1"
+        for mod, attr, _ in saved:
+            setattr(mod, attr, True)
+        yield
+    finally:
+        for mod, attr, value in saved:
+            setattr(mod, attr, value)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence the minor bars: datasets' "Generating split" and lm-eval's "Building
+    contexts" (one per task, 57 for MMLU). The one bar kept is HFLM's request bar,
+    governed by make_lm(progress=...).
+
+    The "Building contexts" bar (lm_eval.api.task) has no switch, so that module's
+    `tqdm` name is swapped for a disabled one for the duration of the run.
+    """
+    import datasets
+    import lm_eval.api.task as task_module
+    was_enabled = datasets.is_progress_bar_enabled()
+    original = task_module.tqdm
+    datasets.disable_progress_bars()
+    task_module.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        task_module.tqdm = original
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
+def make_lm(model, tokenizer, batch_size: int, progress: bool = True):
+    """An lm-eval HFLM around an already-built model object and tokenizer object.
+
+    progress: show HFLM's "Running loglikelihood requests" bar (one bar for the run).
+
+    HFLM calls `model.eval()` and `model.tie_weights()`, and gives the tokenizer a pad
+    token if it has none (SmolLM2's has one).
+    """
+    from lm_eval.models.huggingface import HFLM
+
+    class _HFLM(HFLM):
+        # evaluator.evaluate() calls lm.loglikelihood(requests) without disable_tqdm.
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not progress)
+
+    return _HFLM(pretrained=model, tokenizer=tokenizer, batch_size=int(batch_size))
+
+
+def load_tasks(include_path: Path, names: list[str]) -> dict:
+    """Index only `include_path` (not lm-eval's ~10k bundled YAMLs) and build the tasks."""
+    from lm_eval.tasks import TaskManager
+    manager = TaskManager(include_path=str(include_path), include_defaults=False)
+    return manager.load(list(names))
+
+
+def evaluate_samples(lm, task_dict: dict) -> dict[str, list[dict]]:
+    """Run lm-eval and return its logged samples, {task name: [sample, ...]}.
+
+    Each sample holds `doc_id`, `doc`, `target`, `filtered_resps` ([(loglik, is_greedy)]
+    per choice for multiple_choice tasks) and the per-sample metric values (e.g. `acc`).
+    """
+    from lm_eval import evaluator
+    out = evaluator.evaluate(lm=lm, task_dict=task_dict, log_samples=True,
+                             bootstrap_iters=0, cache_requests=False)
+    return out["samples"]
+
+
+def binomial_metric(values: list[float]) -> Metric:
+    """Mean of 0/1 outcomes with stderr sqrt(p(1-p)/(n-1)) (= lm-eval's mean_stderr)."""
+    n = len(values)
+    if n == 0:
+        return Metric(float("nan"), None, 0)
+    p = sum(values) / n
+    stderr = math.sqrt(p * (1.0 - p) / (n - 1)) if n > 1 else None
+    return Metric(p, stderr, n)
