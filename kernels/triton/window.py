@@ -1,0 +1,306 @@
+"""Sliding-window softmax attention (Triton, forward + backward) and the LoLCATs hybrid.
+
+Query i attends to keys j in (i - window, i]. The forward is FlashAttention-style (online
+softmax over the key blocks of the band, Dao et al. 2022) and also stores, per query, the
+log-sum-exp `lse` and the row max `m` with the key index where it sits; the backward
+recomputes the probabilities from `lse` in two kernels (FlashAttention-2, arXiv
+2307.08691): one owns a query block and writes dq, one owns a key block and writes
+dk, dv. Work O(T * window), extra memory O(T).
+
+`window_linear_attention` (LoLCATs, arXiv 2410.10254) composes that kernel with a causal
+linear attention: see its docstring for which code path runs the linear branch.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Fixed launch config (no autotuner: it does not run under the CPU interpreter).
+_BLOCK_M, _BLOCK_N = (32, 32) if _INTERPRET else (64, 64)
+
+
+def _num_warps(dk: int, dv: int) -> int:
+    """4 warps, 8 for head dims >= 128 (untuned guess: not yet timed on a GPU)."""
+    return 8 if max(dk, dv) >= 128 else 4
+
+
+@triton.jit
+def _mm(a, b, PREC: tl.constexpr):
+    """a @ b with fp32 accumulation; PREC is "ieee" for fp32 operands (no TF32)."""
+    return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _band(rows, cols, T, WINDOW):
+    """(rows, cols) mask: key `cols` is among the last WINDOW keys of query `rows`."""
+    return (cols[None, :] <= rows[:, None]) & (cols[None, :] > rows[:, None] - WINDOW) \
+        & (cols[None, :] < T)
+
+
+@triton.jit
+def _swa_fwd_kernel(Q, K, V, O, LSE, M, IDX, T, H, scale, WINDOW,
+                    DK: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                    BK: tl.constexpr, BV: tl.constexpr, STORE_MAX: tl.constexpr,
+                    PREC: tl.constexpr):
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), bh % H  # int64 offsets: B*T*H*D can pass 2^31
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn, rk, rv = tl.arange(0, BN), tl.arange(0, BK), tl.arange(0, BV)
+    # (B, T, H, D) contiguous: row t of head h starts at ((b * T + t) * H + h) * D
+    q = tl.load(Q + ((b * T + rm[:, None]) * H + h) * DK + rk[None, :],
+                mask=(rm[:, None] < T) & (rk[None, :] < DK), other=0.0)  # (BM, BK)
+    m_i = tl.full([BM], -1e30, tl.float32)  # finite start: fully masked blocks stay NaN-free
+    l_i = tl.zeros([BM], tl.float32)
+    idx = tl.zeros([BM], tl.int32)
+    acc = tl.zeros([BM, BV], tl.float32)
+    lo = (tl.maximum(pid_m * BM - WINDOW + 1, 0) // BN) * BN
+    hi = tl.minimum((pid_m + 1) * BM, T)
+    for start_n in range(lo, hi, BN):
+        cols = start_n + rn
+        k = tl.load(K + ((b * T + cols[:, None]) * H + h) * DK + rk[None, :],
+                    mask=(cols[:, None] < T) & (rk[None, :] < DK), other=0.0)  # (BN, BK)
+        s = _mm(q, tl.trans(k), PREC) * scale  # (BM, BN) fp32
+        s = tl.where(_band(rm, cols, T, WINDOW), s, float("-inf"))
+        m_blk = tl.max(s, 1)
+        if STORE_MAX:
+            idx = tl.where(m_blk > m_i, tl.argmax(s, 1) + start_n, idx)
+        m_new = tl.maximum(m_i, m_blk)
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + ((b * T + cols[:, None]) * H + h) * DV + rv[None, :],
+                    mask=(cols[:, None] < T) & (rv[None, :] < DV), other=0.0)  # (BN, BV)
+        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PREC)
+        m_i = m_new
+    l_i = tl.where(l_i > 0, l_i, 1.0)  # only rows past T can be empty
+    o = acc / l_i[:, None]
+    tl.store(O + ((b * T + rm[:, None]) * H + h) * DV + rv[None, :], o.to(O.dtype.element_ty),
+             mask=(rm[:, None] < T) & (rv[None, :] < DV))
+    row = bh * T + rm  # (B, H, T) row statistics
+    tl.store(LSE + row, m_i + tl.log(l_i), mask=rm < T)
+    if STORE_MAX:
+        tl.store(M + row, m_i, mask=rm < T)
+        tl.store(IDX + row, idx, mask=rm < T)
+
+
+@triton.jit
+def _swa_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DM, IDX, DQ, T, H, scale, WINDOW,
+                       DK: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                       BK: tl.constexpr, BV: tl.constexpr, HAS_DM: tl.constexpr,
+                       PREC: tl.constexpr):
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), bh % H  # int64 offsets: B*T*H*D can pass 2^31
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn, rk, rv = tl.arange(0, BN), tl.arange(0, BK), tl.arange(0, BV)
+    q = tl.load(Q + ((b * T + rm[:, None]) * H + h) * DK + rk[None, :],
+                mask=(rm[:, None] < T) & (rk[None, :] < DK), other=0.0)  # (BM, BK)
+    do = tl.load(DO + ((b * T + rm[:, None]) * H + h) * DV + rv[None, :],
+                 mask=(rm[:, None] < T) & (rv[None, :] < DV), other=0.0)  # (BM, BV)
+    row = bh * T + rm
+    lse = tl.load(LSE + row, mask=rm < T, other=0.0)
+    delta = tl.load(DELTA + row, mask=rm < T, other=0.0)
+    if HAS_DM:
+        dm = tl.load(DM + row, mask=rm < T, other=0.0)
+        idx = tl.load(IDX + row, mask=rm < T, other=-1)
+    dq = tl.zeros([BM, BK], tl.float32)
+    lo = (tl.maximum(pid_m * BM - WINDOW + 1, 0) // BN) * BN
+    hi = tl.minimum((pid_m + 1) * BM, T)
+    for start_n in range(lo, hi, BN):
+        cols = start_n + rn
+        k = tl.load(K + ((b * T + cols[:, None]) * H + h) * DK + rk[None, :],
+                    mask=(cols[:, None] < T) & (rk[None, :] < DK), other=0.0)  # (BN, BK)
+        v = tl.load(V + ((b * T + cols[:, None]) * H + h) * DV + rv[None, :],
+                    mask=(cols[:, None] < T) & (rv[None, :] < DV), other=0.0)  # (BN, BV)
+        s = _mm(q, tl.trans(k), PREC) * scale
+        p = tl.exp(tl.where(_band(rm, cols, T, WINDOW), s - lse[:, None], float("-inf")))
+        dp = _mm(do, tl.trans(v), PREC)  # (BM, BN)
+        ds = p * (dp - delta[:, None])
+        if HAS_DM:  # d m_i lands on the score of the key holding the max
+            ds += tl.where(cols[None, :] == idx[:, None], dm[:, None], 0.0)
+        dq += _mm(ds.to(k.dtype), k, PREC)
+    tl.store(DQ + ((b * T + rm[:, None]) * H + h) * DK + rk[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=(rm[:, None] < T) & (rk[None, :] < DK))
+
+
+@triton.jit
+def _swa_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DM, IDX, DK_, DV_, T, H, scale, WINDOW,
+                         DK: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr,
+                         BN: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                         HAS_DM: tl.constexpr, PREC: tl.constexpr):
+    pid_n, bh = tl.program_id(0), tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), bh % H  # int64 offsets: B*T*H*D can pass 2^31
+    rn = pid_n * BN + tl.arange(0, BN)
+    rm0, rk, rv = tl.arange(0, BM), tl.arange(0, BK), tl.arange(0, BV)
+    k = tl.load(K + ((b * T + rn[:, None]) * H + h) * DK + rk[None, :],
+                mask=(rn[:, None] < T) & (rk[None, :] < DK), other=0.0)  # (BN, BK)
+    v = tl.load(V + ((b * T + rn[:, None]) * H + h) * DV + rv[None, :],
+                mask=(rn[:, None] < T) & (rv[None, :] < DV), other=0.0)  # (BN, BV)
+    dk = tl.zeros([BN, BK], tl.float32)
+    dv = tl.zeros([BN, BV], tl.float32)
+    lo = (pid_n * BN // BM) * BM
+    hi = tl.minimum(pid_n * BN + BN - 1 + WINDOW, T)  # last query that sees key n: n+W-1
+    for start_m in range(lo, hi, BM):
+        rm = start_m + rm0
+        q = tl.load(Q + ((b * T + rm[:, None]) * H + h) * DK + rk[None, :],
+                    mask=(rm[:, None] < T) & (rk[None, :] < DK), other=0.0)  # (BM, BK)
+        do = tl.load(DO + ((b * T + rm[:, None]) * H + h) * DV + rv[None, :],
+                     mask=(rm[:, None] < T) & (rv[None, :] < DV), other=0.0)  # (BM, BV)
+        row = bh * T + rm
+        lse = tl.load(LSE + row, mask=rm < T, other=0.0)
+        delta = tl.load(DELTA + row, mask=rm < T, other=0.0)
+        s_t = _mm(k, tl.trans(q), PREC) * scale  # (BN, BM): scores transposed
+        band_t = tl.trans(_band(rm, rn, T, WINDOW))
+        p_t = tl.exp(tl.where(band_t, s_t - lse[None, :], float("-inf")))
+        dv += _mm(p_t.to(do.dtype), do, PREC)
+        ds_t = p_t * (_mm(v, tl.trans(do), PREC) - delta[None, :])
+        if HAS_DM:
+            dm = tl.load(DM + row, mask=rm < T, other=0.0)
+            idx = tl.load(IDX + row, mask=rm < T, other=-1)
+            ds_t += tl.where(rn[:, None] == idx[None, :], dm[None, :], 0.0)
+        dk += _mm(ds_t.to(q.dtype), q, PREC)
+    out_k = ((b * T + rn[:, None]) * H + h) * DK + rk[None, :]
+    out_v = ((b * T + rn[:, None]) * H + h) * DV + rv[None, :]
+    tl.store(DK_ + out_k, (dk * scale).to(DK_.dtype.element_ty),
+             mask=(rn[:, None] < T) & (rk[None, :] < DK))
+    tl.store(DV_ + out_v, dv.to(DV_.dtype.element_ty), mask=(rn[:, None] < T) & (rv[None, :] < DV))
+
+
+def _pow2(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))  # tl.dot needs every dim >= 16
+
+
+def _prec(x: torch.Tensor) -> str:
+    """fp32 inputs get full-precision dots (matches the fp32 reference); half types use
+    the tensor cores as usual ("tf32" is the default and only affects fp32 operands)."""
+    return "ieee" if x.dtype == torch.float32 else "tf32"
+
+
+class _SlidingWindow(torch.autograd.Function):
+    """(q, k, v) -> (o, lse, m); o in `out_dtype`, lse and m fp32 (B, H, T).
+
+    The gradient of m goes to the score of the first key holding the max (torch's amax
+    splits it between exact ties, which real-valued inputs practically never have)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, window, scale, out_dtype, blocks):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        B, T, H, DK = q.shape
+        DV = v.shape[-1]
+        bm, bn = blocks
+        o = torch.empty(B, T, H, DV, device=q.device, dtype=out_dtype)
+        lse, m = (torch.empty(B, H, T, device=q.device, dtype=torch.float32) for _ in range(2))
+        idx = torch.empty(B, H, T, device=q.device, dtype=torch.int32)
+        _swa_fwd_kernel[(triton.cdiv(T, bm), B * H)](
+            q, k, v, o, lse, m, idx, T, H, scale, window, DK=DK, DV=DV, BM=bm, BN=bn,
+            BK=_pow2(DK), BV=_pow2(DV), STORE_MAX=True, PREC=_prec(q),
+            num_warps=_num_warps(DK, DV))
+        ctx.save_for_backward(q, k, v, o, lse, idx)
+        ctx.cfg = (window, scale, blocks)
+        return o, lse, m
+
+    @staticmethod
+    def backward(ctx, do, dlse, dm):
+        q, k, v, o, lse, idx = ctx.saved_tensors
+        window, scale, (bm, bn) = ctx.cfg
+        B, T, H, DK = q.shape
+        DV = v.shape[-1]
+        do = torch.zeros_like(o) if do is None else do
+        # delta_i = do_i . o_i - dlse_i   (d lse_i adds p_ij to every ds_ij)
+        delta = torch.einsum("bthv,bthv->bht", do.float(), o.float())
+        if dlse is not None:
+            delta = delta - dlse.float()
+        delta = delta.contiguous()
+        do = do.to(v.dtype).contiguous()
+        has_dm = dm is not None
+        dm = dm.float().contiguous() if has_dm else lse  # dummy pointer when unused
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        common = dict(DK=DK, DV=DV, BM=bm, BN=bn, BK=_pow2(DK), BV=_pow2(DV), HAS_DM=has_dm,
+                      PREC=_prec(q), num_warps=_num_warps(DK, DV))
+        _swa_bwd_dq_kernel[(triton.cdiv(T, bm), B * H)](
+            q, k, v, do, lse, delta, dm, idx, dq, T, H, scale, window, **common)
+        _swa_bwd_dkdv_kernel[(triton.cdiv(T, bn), B * H)](
+            q, k, v, do, lse, delta, dm, idx, dk, dv, T, H, scale, window, **common)
+        return dq, dk, dv, None, None, None, None
+
+
+def _check(q, k, v, window):
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    if q.shape != k.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)} (repeat GQA keys before the call)")
+
+
+def sliding_window_attention(q, k, v, *, window=64, scale=None, _blocks=None):
+    """Softmax attention over the last `window` keys, current token included.
+
+    q, k: (B, T, H, K); v: (B, T, H, V) -> o (B, T, H, V) in v's dtype.
+    """
+    _check(q, k, v, window)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    o, _, _ = _SlidingWindow.apply(q, k, v, window, scale, v.dtype,
+                                   _blocks or (_BLOCK_M, _BLOCK_N))
+    return o
+
+
+def _linear_impl(name: str):
+    """Causal linear attention `fn(fq, fk, v_aug) -> o`: "triton" or "chunked", or None
+    when that module does not import."""
+    try:
+        if name == "triton":
+            from linbench.kernels.triton.linear import linear_attention as fn
+        else:
+            from linbench.kernels.chunked import linear_attention_chunked as fn
+    except ImportError:
+        return None
+    return lambda fq, fk, v: fn(fq, fk, v, decay=None, normalize=False, scale=1.0)[0]
+
+
+def _causal_linear(fq, fk, v_aug, prefer=("triton", "chunked")):
+    """sum_{j <= i} (fq_i . fk_j) v_aug_j with the first importable implementation."""
+    for name in prefer:
+        fn = _linear_impl(name)
+        if fn is not None:
+            return fn(fq, fk, v_aug)
+    raise ImportError(f"no linear attention implementation among {prefer}")
+
+
+def window_linear_attention(q, k, v, fq, fk, *, window=64, gamma, scale=None, eps=1e-6,
+                            _blocks=None, _linear=("triton", "chunked")):
+    """LoLCATs sliding-window + linear hybrid (arXiv 2410.10254), one shared normalizer:
+    a_ij = gamma_h exp(scale q_i.k_j - m_i) on the last `window` keys, fq_i.fk_j on older
+    keys; y_i = sum_j a_ij v_j / (sum_j a_ij + eps), m_i the window max (not detached).
+
+    Window branch: the Triton kernel above returns o_w (fp32), lse and m, so the window's
+    numerator is gamma e o_w and its denominator gamma e, with e = exp(lse - m).
+    Linear branch: keys j <= i - window equal causal linear attention of fq against fk
+    and [v, 1] shifted right by `window` (zero padded), computed in fp32 by
+    `linbench.kernels.triton.linear.linear_attention(normalize=False, scale=1)` when that
+    module imports, else by `linbench.kernels.chunked.linear_attention_chunked` (torch);
+    `_linear` names the order tried. Gradients of q, k, v, fq, fk and gamma flow through
+    torch autograd around the two kernels.
+    """
+    _check(q, k, v, window)
+    if fq.shape != fk.shape or fq.shape[:3] != q.shape[:3]:
+        raise ValueError(f"feature shape mismatch: fq {tuple(fq.shape)}, fk {tuple(fk.shape)}")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    B, T, H, DV = v.shape
+    o_w, lse, m = _SlidingWindow.apply(q, k, v, window, scale, torch.float32,
+                                       _blocks or (_BLOCK_M, _BLOCK_N))  # (B,T,H,V), (B,H,T)
+    e = torch.exp(lse - m).transpose(1, 2)[..., None]  # (B, T, H, 1) window sum of exp(s - m)
+    g_w = gamma.float()[None, None, :, None] * e
+    num, den = g_w * o_w, g_w
+    if T > window:
+        v_aug = torch.cat([v.float(), v.new_ones(B, T, H, 1, dtype=torch.float32)], -1)
+        shift = (0, 0, 0, 0, window, 0)  # pad `window` zeros in front of the T axis
+        fk_s = F.pad(fk.float(), shift)[:, :T]
+        v_s = F.pad(v_aug, shift)[:, :T]
+        lin = _causal_linear(fq.float().contiguous(), fk_s.contiguous(), v_s.contiguous(),
+                             _linear)
+        num, den = num + lin[..., :DV].float(), den + lin[..., DV:].float()
+    return (num / (den + eps)).to(v.dtype)
