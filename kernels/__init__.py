@@ -1,0 +1,146 @@
+"""Sequence-mixing kernels and the dispatcher that picks a backend for each call.
+
+Public API (tensors (B, T, H, D), fp32 states, see linbench.kernels.reference):
+
+    linear_attention, gated_linear_attention, delta_rule          -> (o, final_state | None)
+    sliding_window_attention, window_linear_attention              -> o  (or (o, state) with
+                                                                       output_final_state=True)
+    *_step: one-token decode, -> (o, new_state);  WindowCache, WindowState
+
+Every full-sequence function takes `backend`:
+  "reference" - the quadratic torch references (slow, obviously correct);
+  "torch"     - chunked torch (linear in T, CPU or GPU);
+  "triton"    - linbench.kernels.triton.<name>, imported on first use (error if missing);
+  "auto"      - triton when q is on a CUDA device and that kernel is available, else torch.
+The linear three also take `cu_seqlens` (packed sequences, see kernels.varlen) and all
+take `chunk_size` (chunk of the torch form; query block for the window ones; passed to a
+Triton kernel only if it accepts it). Importing this package does not import triton.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+
+from linbench.kernels.recurrent import (WindowCache, WindowState, delta_rule_step,
+                                        gated_linear_attention_step, linear_attention_step,
+                                        sliding_window_attention_step,
+                                        window_linear_attention_step)
+
+BACKENDS = ("auto", "torch", "triton", "reference")
+
+# name -> (reference function, "module:function" of the torch form, its chunk keyword)
+_KERNELS = {
+    "linear_attention": ("linear_attention_ref", "chunked:linear_attention_chunked", "chunk_size"),
+    "gated_linear_attention": ("gated_linear_attention_ref", "chunked:gated_linear_attention_chunked",
+                               "chunk_size"),
+    "delta_rule": ("delta_rule_ref", "delta:delta_rule_chunked", "chunk_size"),
+    "sliding_window_attention": ("sliding_window_attention_ref", "window:sliding_window_attention_chunked",
+                                 "block"),
+    "window_linear_attention": ("window_linear_attention_ref", "window:window_linear_attention_chunked",
+                                "block"),
+}
+
+
+def _triton(name: str):
+    """The Triton kernel `name`, or a RuntimeError saying why it cannot be used."""
+    try:
+        module = importlib.import_module("linbench.kernels.triton")
+        return getattr(module, name)
+    except (ImportError, AttributeError) as err:
+        raise RuntimeError(f"backend='triton': the Triton kernel {name!r} is not available "
+                           f"({type(err).__name__}: {err}); use backend='torch'") from err
+
+
+def _resolve(name: str, backend: str, q, chunk_size):
+    """Return (function, backend actually used) with the chunk keyword bound if accepted."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
+    ref_name, torch_path, chunk_kw = _KERNELS[name]
+    if backend == "auto":
+        backend = "torch"
+        if q.is_cuda:
+            from linbench.kernels.triton import available
+            backend = "triton" if available(name) else "torch"
+    if backend == "reference":
+        return getattr(importlib.import_module("linbench.kernels.reference"), ref_name), {}
+    if backend == "torch":
+        module, attr = torch_path.split(":")
+        fn = getattr(importlib.import_module(f"linbench.kernels.{module}"), attr)
+        return fn, {chunk_kw: chunk_size}
+    fn = _triton(name)
+    try:
+        accepts = "chunk_size" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        accepts = False
+    return fn, ({"chunk_size": chunk_size} if accepts else {})
+
+
+def _call_linear(name, seq, kwargs, *, initial_state, output_final_state, cu_seqlens,
+                 chunk_size, backend, seq_kwargs=None):
+    fn, extra = _resolve(name, backend, seq[0], chunk_size)
+    kwargs = {**kwargs, **extra}
+    if cu_seqlens is not None:
+        from linbench.kernels.varlen import run_varlen
+        return run_varlen(fn, seq, cu_seqlens, initial_state=initial_state,
+                          output_final_state=output_final_state, seq_kwargs=seq_kwargs, **kwargs)
+    return fn(*seq, **(seq_kwargs or {}), **kwargs, initial_state=initial_state,
+              output_final_state=output_final_state)
+
+
+def linear_attention(q, k, v, *, decay=None, normalize=False, scale=None, eps=1e-6,
+                     initial_state=None, output_final_state=False, cu_seqlens=None,
+                     chunk_size=64, backend="auto"):
+    """Causal linear attention (optional fixed per-head log-decay and normalizer)."""
+    return _call_linear("linear_attention", (q, k, v),
+                        dict(decay=decay, normalize=normalize, scale=scale, eps=eps),
+                        initial_state=initial_state, output_final_state=output_final_state,
+                        cu_seqlens=cu_seqlens, chunk_size=chunk_size, backend=backend)
+
+
+def gated_linear_attention(q, k, v, g, *, scale=None, initial_state=None,
+                           output_final_state=False, cu_seqlens=None, chunk_size=64,
+                           backend="auto"):
+    """GLA with per-channel log-gates g (B, T, H, K)."""
+    return _call_linear("gated_linear_attention", (q, k, v, g), dict(scale=scale),
+                        initial_state=initial_state, output_final_state=output_final_state,
+                        cu_seqlens=cu_seqlens, chunk_size=chunk_size, backend=backend)
+
+
+def delta_rule(q, k, v, beta, *, g=None, scale=None, initial_state=None,
+               output_final_state=False, cu_seqlens=None, chunk_size=64, backend="auto"):
+    """(Gated) delta rule; beta (B, T, H), g (B, T, H) optional scalar log-gate."""
+    return _call_linear("delta_rule", (q, k, v, beta), dict(scale=scale),
+                        initial_state=initial_state, output_final_state=output_final_state,
+                        cu_seqlens=cu_seqlens, chunk_size=chunk_size, backend=backend,
+                        seq_kwargs={"g": g})
+
+
+def sliding_window_attention(q, k, v, *, window=64, scale=None, output_final_state=False,
+                             chunk_size=64, backend="auto"):
+    """Softmax over the last `window` keys -> o, or (o, WindowCache) with output_final_state."""
+    fn, extra = _resolve("sliding_window_attention", backend, q, chunk_size)
+    o = fn(q, k, v, window=window, scale=scale, **extra)
+    if not output_final_state:
+        return o
+    from linbench.kernels.window import window_cache
+    return o, window_cache(k, v, window)
+
+
+def window_linear_attention(q, k, v, fq, fk, *, window=64, gamma, scale=None, eps=1e-6,
+                            output_final_state=False, chunk_size=64, backend="auto"):
+    """LoLCATs window + linear hybrid -> y, or (y, WindowState) with output_final_state."""
+    fn, extra = _resolve("window_linear_attention", backend, q, chunk_size)
+    if output_final_state and "block" in extra:  # the torch form returns its own state
+        return fn(q, k, v, fq, fk, window=window, gamma=gamma, scale=scale, eps=eps,
+                  output_final_state=True, **extra)
+    y = fn(q, k, v, fq, fk, window=window, gamma=gamma, scale=scale, eps=eps, **extra)
+    if not output_final_state:
+        return y
+    from linbench.kernels.window import window_state
+    return y, window_state(k, v, fk, window)
+
+
+__all__ = ["BACKENDS", "linear_attention", "gated_linear_attention", "delta_rule",
+           "sliding_window_attention", "window_linear_attention", "linear_attention_step",
+           "gated_linear_attention_step", "delta_rule_step", "sliding_window_attention_step",
+           "window_linear_attention_step", "WindowCache", "WindowState"]

@@ -1,0 +1,163 @@
+"""Shared grid and helpers for the kernel tests.
+
+Tests that take a `shape` or `dtype` argument (and do not parametrize it themselves) run
+over SHAPES x DTYPES. Helpers come from the `kit` fixture:
+
+    kit.qkv(shape, dtype, positive=False)    leaf q, k, v (k, v with shape.Hkv heads)
+    kit.heads(x, shape)                      repeat GQA key/value heads to H (before calls)
+    kit.log_gates(size, regime, dtype)       leaf log-gates: typ | near0 | near1
+    kit.grads(outputs, leaves)               gradients of sum(out * w), fixed random w
+    kit.double(leaves)                       fp64 leaf copies for the reference run
+    kit.close(a, b, what)                    a vs reference b, tolerance by a's dtype
+    kit.compare(fast, ref, leaves, names)    outputs + every gradient, ref on fp64 copies
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+
+import pytest
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    B: int
+    T: int
+    H: int
+    K: int
+    V: int
+    Hkv: int = 0  # key/value heads (GQA); 0 = H
+    C: int = 16  # chunk size
+
+    @property
+    def kv_heads(self) -> int:
+        return self.Hkv or self.H
+
+    @property
+    def id(self) -> str:
+        gqa = f"-KV{self.Hkv}" if self.Hkv else ""
+        return f"B{self.B}-T{self.T}-H{self.H}{gqa}-K{self.K}-V{self.V}-C{self.C}"
+
+
+SHAPES = [
+    Shape(2, 100, 3, 16, 8, C=32),  # T not a multiple of the chunk, several chunks
+    Shape(1, 64, 2, 8, 8, C=16),  # T an exact multiple
+    Shape(1, 45, 4, 16, 16, Hkv=2, C=16),  # GQA: k, v repeated before the call
+    Shape(1, 50, 2, 8, 4, C=12),  # chunk with an odd sub-block split, K != V
+    Shape(1, 1, 2, 4, 4, C=16),  # a single token
+]
+DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
+# Max error relative to max |reference| (floored at 1e-3), by dtype of the fast form's
+# tensor. References run in fp64; final states are fp32 by contract.
+TOLS = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def _explicitly_parametrized(metafunc, name: str) -> bool:
+    for mark in metafunc.definition.iter_markers("parametrize"):
+        names = mark.args[0]
+        names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
+        if name in names:
+            return True
+    return False
+
+
+def pytest_generate_tests(metafunc):
+    if "shape" in metafunc.fixturenames and not _explicitly_parametrized(metafunc, "shape"):
+        metafunc.parametrize("shape", SHAPES, ids=[s.id for s in SHAPES])
+    if "dtype" in metafunc.fixturenames and not _explicitly_parametrized(metafunc, "dtype"):
+        metafunc.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def qkv(shape: Shape, dtype, *, positive=False, seed=0):
+    g = _gen(seed)
+    q = torch.randn(shape.B, shape.T, shape.H, shape.K, generator=g, dtype=dtype)
+    k = torch.randn(shape.B, shape.T, shape.kv_heads, shape.K, generator=g, dtype=dtype)
+    v = torch.randn(shape.B, shape.T, shape.kv_heads, shape.V, generator=g, dtype=dtype)
+    if positive:  # normalized attention needs a positive denominator, as feature maps give
+        q, k = q.abs() + 0.1, k.abs() + 0.1
+    return [x.requires_grad_() for x in (q, k, v)]
+
+
+def heads(x: torch.Tensor, shape: Shape) -> torch.Tensor:
+    """Repeat GQA heads (dim 2) to shape.H; gradients accumulate through the repeat."""
+    return x.repeat_interleave(shape.H // x.shape[2], dim=2) if x.shape[2] != shape.H else x
+
+
+def log_gates(size, regime: str, dtype, seed=1):
+    """Leaf log-gates <= 0: typ (logsigmoid of a normal), near0 (about -8 per step: gates
+    ~3e-4) or near1 (about -1e-4 per step)."""
+    u = torch.rand(size, generator=_gen(seed), dtype=dtype)
+    g = {"typ": torch.nn.functional.logsigmoid(4 * u - 2), "near0": -8 - 2 * u,
+         "near1": -1e-4 * (0.5 + u)}[regime]
+    return g.requires_grad_()
+
+
+def grads(outputs, leaves, seed=123):
+    """Gradients of sum_i sum(out_i * w_i) with fixed random w_i (None outputs skipped)."""
+    g = _gen(seed)
+    loss = 0
+    for out in outputs:
+        if out is not None:
+            w = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
+            loss = loss + (out * w).sum()
+    return torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
+
+
+def double(leaves):
+    """Detached fp64 copies of the leaves (None kept): the reference runs on these, so a
+    fp32 fast form is measured against exact-ish truth, not against fp32 rounding."""
+    return [None if x is None else x.detach().double().requires_grad_() for x in leaves]
+
+
+def close(a, b, what="tensor", tol=None, floor=1e-3):
+    """max|a - b| <= tol * max(max|b|, floor), tol by a's dtype (b: the reference)."""
+    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+    assert torch.isfinite(a).all(), f"{what}: non-finite values"
+    dtype, tol = a.dtype, TOLS[a.dtype] if tol is None else tol
+    a, b = a.detach().double(), b.detach().double()
+    ref = max(b.abs().max().item() if b.numel() else 0.0, floor)
+    err = (a - b).abs().max().item() if a.numel() else 0.0
+    assert err <= tol * ref, f"{what}: max err {err:.3e} > {tol:.0e} * {ref:.3e} ({dtype})"
+
+
+def compare(fast, ref, leaves, names, out_names=("o", "final state"), floors=None):
+    """Run fast(*leaves) and ref(*fp64 copies); compare every output and every gradient.
+
+    leaves may hold None (an absent optional input); both callables get them as given.
+    floors: {leaf name: magnitude floor} for gradients that are sums of many O(1) terms
+    that cancel (their absolute error scales with the terms, not with the result).
+    Returns the fast outputs (a tuple).
+    """
+    ref_leaves = double(leaves)
+    out, out_ref = fast(*leaves), ref(*ref_leaves)
+    out = out if isinstance(out, tuple) else (out,)
+    out_ref = out_ref if isinstance(out_ref, tuple) else (out_ref,)
+    for name, a, b in zip(out_names, out, out_ref):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            close(a, b, name)
+    idx = [i for i, x in enumerate(leaves) if x is not None]
+    got = grads(out, [leaves[i] for i in idx])
+    want = grads(out_ref, [ref_leaves[i] for i in idx])
+    for i, a, b in zip(idx, got, want):
+        close(a, b, f"d{names[i]}", floor=(floors or {}).get(names[i], 1e-3))
+    return out
+
+
+@pytest.fixture
+def kit():
+    return types.SimpleNamespace(qkv=qkv, heads=heads, log_gates=log_gates, grads=grads,
+                                 double=double, close=close, compare=compare, Shape=Shape)
+
+
+@pytest.fixture
+def many_segments(monkeypatch):
+    """Force one chunk per segment in the torch chunked scan (many checkpointed segments)."""
+    from linbench.kernels import chunked
+    monkeypatch.setattr(chunked, "SEGMENT_TOKEN_HEADS", 1)
+    monkeypatch.setattr(chunked, "SEGMENT_TOKEN_HEADS_CHANNEL", 1)
