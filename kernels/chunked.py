@@ -32,16 +32,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from linbench.kernels.reference import normalize_output
+from linbench.kernels.reference import acc_dtype, normalize_output
 
 # Token-heads (B * H * L) per segment. Per-channel gates build (s, s, K) pairwise
 # blocks, hence a smaller budget. Tests shrink these to force many segments.
 SEGMENT_TOKEN_HEADS = 1 << 14
 SEGMENT_TOKEN_HEADS_CHANNEL = 1 << 12
-
-
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
 
 
 def _chunks(x: torch.Tensor, C: int) -> torch.Tensor:
@@ -211,7 +207,7 @@ def linear_attention_chunked(q, k, v, *, decay=None, normalize=False, scale=None
     Returns (o (B, T, H, V) in v's dtype, fp32 final state or None).
     Memory: see the module docstring (inputs + one state per segment + one segment).
     """
-    dt, out_dtype = _acc_dtype(q), v.dtype
+    dt, out_dtype = acc_dtype(q), v.dtype
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     q, k, v = q.to(dt), k.to(dt), v.to(dt)
     if normalize:
@@ -231,7 +227,7 @@ def gated_linear_attention_chunked(q, k, v, g, *, scale=None, initial_state=None
     g: (B, T, H, K) per-channel log-gates <= 0 (gates near 0 and near 1 are both exact:
     no exp of a positive exponent is ever taken). Returns (o, fp32 final state or None).
     """
-    dt, out_dtype = _acc_dtype(q), v.dtype
+    dt, out_dtype = acc_dtype(q), v.dtype
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if g.shape != q.shape:
         raise ValueError(f"g must have q's shape {tuple(q.shape)}, got {tuple(g.shape)}")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+def acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
@@ -40,7 +40,7 @@ def linear_attention_ref(q, k, v, *, decay=None, normalize=False, scale=None, ep
     With normalize=True, v is augmented with ones, the state is (B, H, K, V + 1) and
     o_t = num_t / (den_t + eps).
     """
-    dt, out_dtype = _acc_dtype(q), v.dtype
+    dt, out_dtype = acc_dtype(q), v.dtype
     scale = _default_scale(q, scale)
     q, k, v = q.to(dt), k.to(dt), v.to(dt)
     if normalize:
@@ -78,7 +78,7 @@ def gated_linear_attention_ref(q, k, v, g, *, scale=None, initial_state=None,
                                output_final_state=False):
     """GLA with per-channel log-gates g (B, T, H, K):
     S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T ;  o_t = scale * q_t^T S_t."""
-    dt, out_dtype = _acc_dtype(q), v.dtype
+    dt, out_dtype = acc_dtype(q), v.dtype
     scale = _default_scale(q, scale)
     q, k, v, g = q.to(dt), k.to(dt), v.to(dt), g.to(dt)
     T = q.shape[1]
@@ -108,7 +108,7 @@ def delta_rule_ref(q, k, v, beta, *, g=None, scale=None, initial_state=None,
     beta (B, T, H); g (B, T, H) optional scalar log-gate. q, k are used as given
     (DeltaNet L2-normalizes them before calling).
     """
-    dt, out_dtype = _acc_dtype(q), v.dtype
+    dt, out_dtype = acc_dtype(q), v.dtype
     scale = _default_scale(q, scale)
     q, k, v, beta = q.to(dt), k.to(dt), v.to(dt), beta.to(dt)
     B, T, H, K = q.shape
@@ -136,7 +136,7 @@ def _window_mask(T: int, window: int, device) -> torch.Tensor:
 
 def sliding_window_attention_ref(q, k, v, *, window=64, scale=None):
     """Softmax attention over the last `window` keys (the current token included)."""
-    dt, out_dtype = _acc_dtype(q), v.dtype
+    dt, out_dtype = acc_dtype(q), v.dtype
     scale = _default_scale(q, scale)
     s = torch.einsum("bihk,bjhk->bhij", q.to(dt) * scale, k.to(dt))
     s = s.masked_fill(~_window_mask(q.shape[1], window, q.device), float("-inf"))
@@ -150,7 +150,7 @@ def window_linear_attention_ref(q, k, v, fq, fk, *, window=64, gamma, scale=None
     a_ij = fq_i . fk_j for older keys;  y_i = sum_j a_ij v_j / (sum_j a_ij + eps).
     gamma: (H,) in (0, 1) (already passed through the sigmoid).
     """
-    dt, out_dtype = _acc_dtype(q), v.dtype
+    dt, out_dtype = acc_dtype(q), v.dtype
     scale = _default_scale(q, scale)
     T = q.shape[1]
     win = _window_mask(T, window, q.device)

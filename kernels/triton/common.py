@@ -21,6 +21,12 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 AUTOTUNE = (not INTERPRET) and os.environ.get("LINBENCH_TRITON_AUTOTUNE") == "1"
 
 
+@triton.jit
+def mm(a, b, PREC: tl.constexpr):
+    """a @ b with fp32 accumulation; PREC "ieee" keeps fp32 operands out of TF32."""
+    return tl.dot(a, b, input_precision=PREC)
+
+
 def pow2(n: int, lo: int = 16) -> int:
     """Smallest power of two >= n and >= lo (tl.dot needs every dim >= 16)."""
     return max(lo, triton.next_power_of_2(n))

@@ -25,23 +25,19 @@ in reverse, so no tensor of all chunk states ever exists. O(T) for the rest.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from linbench.kernels.triton.common import INTERPRET as _INTERPRET
+from linbench.kernels.triton.common import mm as _mm
+from linbench.kernels.triton.common import pow2 as _pow2
+
 _CHUNK = 32 if _INTERPRET else 64  # fixed config: no autotuner under the interpreter
 # The sweep is fp32 state math: full-precision dots ("tf32" trades ~1e-3 error for speed).
 _PRECISION = "ieee"
-
-
-@triton.jit
-def _mm(a, b, PREC: tl.constexpr):
-    """a @ b with fp32 accumulation; PREC is "ieee" for fp32 operands (no TF32)."""
-    return tl.dot(a, b, input_precision=PREC)
 
 
 @triton.jit
@@ -131,10 +127,6 @@ def _delta_bwd_kernel(W, QG, KD, GL, VN, DVX, DO, DSF, CKPT, SCR, DU, DW, DQG, D
             dS = dS * gl + _mm(tl.trans(qg), do, PREC) - _mm(tl.trans(w), dvn, PREC)
         tl.debug_barrier()  # the next segment overwrites the scratch
     tl.store(DS0 + bh * K * V + st, dS, mask=mst)
-
-
-def _pow2(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))  # tl.dot needs every dim >= 16
 
 
 def _num_warps(chunk: int, k: int) -> int:

@@ -12,14 +12,16 @@ linear attention: see its docstring for which code path runs the linear branch.
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from linbench.kernels.triton.common import INTERPRET as _INTERPRET
+from linbench.kernels.triton.common import mm as _mm
+from linbench.kernels.triton.common import pow2 as _pow2
+
 # Fixed launch config (no autotuner: it does not run under the CPU interpreter).
 _BLOCK_M, _BLOCK_N = (32, 32) if _INTERPRET else (64, 64)
 
@@ -27,12 +29,6 @@ _BLOCK_M, _BLOCK_N = (32, 32) if _INTERPRET else (64, 64)
 def _num_warps(dk: int, dv: int) -> int:
     """4 warps, 8 for head dims >= 128 (untuned guess: not yet timed on a GPU)."""
     return 8 if max(dk, dv) >= 128 else 4
-
-
-@triton.jit
-def _mm(a, b, PREC: tl.constexpr):
-    """a @ b with fp32 accumulation; PREC is "ieee" for fp32 operands (no TF32)."""
-    return tl.dot(a, b, input_precision=PREC)
 
 
 @triton.jit
@@ -168,10 +164,6 @@ def _swa_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DM, IDX, DK_, DV_, T, H, scale
     tl.store(DK_ + out_k, (dk * scale).to(DK_.dtype.element_ty),
              mask=(rn[:, None] < T) & (rk[None, :] < DK))
     tl.store(DV_ + out_v, dv.to(DV_.dtype.element_ty), mask=(rn[:, None] < T) & (rv[None, :] < DV))
-
-
-def _pow2(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))  # tl.dot needs every dim >= 16
 
 
 def _prec(x: torch.Tensor) -> str:
