@@ -7,17 +7,18 @@ import sys
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
+
+from linbench import models
+from linbench.data import data_file
 
 pytestmark = pytest.mark.integration
 
 
 def test_cached_safetensors_equal_the_gguf():
-    from transformers import AutoModelForCausalLM
-    from linbench import models
     spec = models.resolve("smollm2-135m")
     cached, tok = models.load(spec)
     entry = models.EMBEDDED["smollm2-135m"]
-    from linbench.data import data_file
     gguf = data_file(entry["dist"], entry["gguf"])
     original = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name).eval()
     ids = tok("Linear attention keeps a fixed-size state.", return_tensors="pt").input_ids
