@@ -125,6 +125,9 @@ def fetch(force, check):
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:  # a bare `linbench` shows the help
+        argv = ["--help"]
     try:
         cli.main(args=argv, prog_name="linbench", standalone_mode=False)
         sys.exit(0)

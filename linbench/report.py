@@ -24,16 +24,14 @@ def _fmt(metric: dict | None) -> str:
 
 
 def tables(records: list[dict]) -> list[str]:
-    """One markdown table per comparability key; metric columns in first-seen order."""
+    """One markdown table per comparability key; metric columns sorted by name."""
     groups: dict[tuple, list[dict]] = {}
     for rec in records:
         groups.setdefault(comparability_key(rec), []).append(rec)
     out = []
     for key, recs in groups.items():
         suite, sver, lmeval, model, mhash, dtype = key
-        metrics: list[str] = []
-        for r in recs:
-            metrics += [m for m in r.get("metrics", {}) if m not in metrics]
+        metrics = sorted({m for r in recs for m in r.get("metrics", {})})
         parent = next((r for r in recs if r.get("method") == "softmax"), None)
         head = ["method", "status", "n", *metrics]
         if parent and "acc" in metrics:
