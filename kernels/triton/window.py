@@ -21,6 +21,7 @@ import triton.language as tl
 from linbench.kernels.triton.common import INTERPRET as _INTERPRET
 from linbench.kernels.triton.common import mm as _mm
 from linbench.kernels.triton.common import pow2 as _pow2
+from linbench.kernels.triton.common import tile
 
 # Fixed launch config (no autotuner: it does not run under the CPU interpreter).
 _BLOCK_M, _BLOCK_N = (32, 32) if _INTERPRET else (64, 64)
@@ -39,27 +40,34 @@ def _band(rows, cols, T, WINDOW):
 
 
 @triton.jit
+def _keys_of(pid_m, BM: tl.constexpr, BN: tl.constexpr, T, WINDOW):
+    """[lo, hi): the key blocks (BN-aligned) that query block pid_m can see."""
+    lo = (tl.maximum(pid_m * BM - WINDOW + 1, 0) // BN) * BN
+    hi = tl.minimum((pid_m + 1) * BM, T)
+    return lo, hi
+
+
+@triton.jit
 def _swa_fwd_kernel(Q, K, V, O, LSE, M, IDX, T, H, scale, WINDOW,
                     DK: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                     BK: tl.constexpr, BV: tl.constexpr, STORE_MAX: tl.constexpr,
                     PREC: tl.constexpr):
     pid_m, bh = tl.program_id(0), tl.program_id(1)
-    b, h = (bh // H).to(tl.int64), bh % H  # int64 offsets: B*T*H*D can pass 2^31
+    b, h = bh // H, bh % H
     rm = pid_m * BM + tl.arange(0, BM)
-    rn, rk, rv = tl.arange(0, BN), tl.arange(0, BK), tl.arange(0, BV)
-    # (B, T, H, D) contiguous: row t of head h starts at ((b * T + t) * H + h) * D
-    q = tl.load(Q + ((b * T + rm[:, None]) * H + h) * DK + rk[None, :],
-                mask=(rm[:, None] < T) & (rk[None, :] < DK), other=0.0)  # (BM, BK)
+    rn = tl.arange(0, BN)
+    # (B, T, H, D) tiles via tile(): int64 offsets (B*T*H*D can pass 2^31) and mask
+    q_off, q_mask = tile(b, h, pid_m * BM, T, H, DK, BM, BK, 0)
+    q = tl.load(Q + q_off, mask=q_mask, other=0.0)  # (BM, BK)
     m_i = tl.full([BM], -1e30, tl.float32)  # finite start: fully masked blocks stay NaN-free
     l_i = tl.zeros([BM], tl.float32)
     idx = tl.zeros([BM], tl.int32)
     acc = tl.zeros([BM, BV], tl.float32)
-    lo = (tl.maximum(pid_m * BM - WINDOW + 1, 0) // BN) * BN
-    hi = tl.minimum((pid_m + 1) * BM, T)
+    lo, hi = _keys_of(pid_m, BM, BN, T, WINDOW)
     for start_n in range(lo, hi, BN):
         cols = start_n + rn
-        k = tl.load(K + ((b * T + cols[:, None]) * H + h) * DK + rk[None, :],
-                    mask=(cols[:, None] < T) & (rk[None, :] < DK), other=0.0)  # (BN, BK)
+        k_off, k_mask = tile(b, h, start_n, T, H, DK, BN, BK, 0)
+        k = tl.load(K + k_off, mask=k_mask, other=0.0)  # (BN, BK)
         s = _mm(q, tl.trans(k), PREC) * scale  # (BM, BN) fp32
         s = tl.where(_band(rm, cols, T, WINDOW), s, float("-inf"))
         m_blk = tl.max(s, 1)
@@ -69,14 +77,14 @@ def _swa_fwd_kernel(Q, K, V, O, LSE, M, IDX, T, H, scale, WINDOW,
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + ((b * T + cols[:, None]) * H + h) * DV + rv[None, :],
-                    mask=(cols[:, None] < T) & (rv[None, :] < DV), other=0.0)  # (BN, BV)
+        v_off, v_mask = tile(b, h, start_n, T, H, DV, BN, BV, 0)
+        v = tl.load(V + v_off, mask=v_mask, other=0.0)  # (BN, BV)
         acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PREC)
         m_i = m_new
     l_i = tl.where(l_i > 0, l_i, 1.0)  # only rows past T can be empty
     o = acc / l_i[:, None]
-    tl.store(O + ((b * T + rm[:, None]) * H + h) * DV + rv[None, :], o.to(O.dtype.element_ty),
-             mask=(rm[:, None] < T) & (rv[None, :] < DV))
+    o_off, o_mask = tile(b, h, pid_m * BM, T, H, DV, BM, BV, 0)
+    tl.store(O + o_off, o.to(O.dtype.element_ty), mask=o_mask)
     row = bh * T + rm  # (B, H, T) row statistics
     tl.store(LSE + row, m_i + tl.log(l_i), mask=rm < T)
     if STORE_MAX:
@@ -90,13 +98,13 @@ def _swa_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DM, IDX, DQ, T, H, scale, WINDOW
                        BK: tl.constexpr, BV: tl.constexpr, HAS_DM: tl.constexpr,
                        PREC: tl.constexpr):
     pid_m, bh = tl.program_id(0), tl.program_id(1)
-    b, h = (bh // H).to(tl.int64), bh % H  # int64 offsets: B*T*H*D can pass 2^31
+    b, h = bh // H, bh % H
     rm = pid_m * BM + tl.arange(0, BM)
-    rn, rk, rv = tl.arange(0, BN), tl.arange(0, BK), tl.arange(0, BV)
-    q = tl.load(Q + ((b * T + rm[:, None]) * H + h) * DK + rk[None, :],
-                mask=(rm[:, None] < T) & (rk[None, :] < DK), other=0.0)  # (BM, BK)
-    do = tl.load(DO + ((b * T + rm[:, None]) * H + h) * DV + rv[None, :],
-                 mask=(rm[:, None] < T) & (rv[None, :] < DV), other=0.0)  # (BM, BV)
+    rn = tl.arange(0, BN)
+    q_off, q_mask = tile(b, h, pid_m * BM, T, H, DK, BM, BK, 0)
+    do_off, do_mask = tile(b, h, pid_m * BM, T, H, DV, BM, BV, 0)
+    q = tl.load(Q + q_off, mask=q_mask, other=0.0)  # (BM, BK)
+    do = tl.load(DO + do_off, mask=do_mask, other=0.0)  # (BM, BV)
     row = bh * T + rm
     lse = tl.load(LSE + row, mask=rm < T, other=0.0)
     delta = tl.load(DELTA + row, mask=rm < T, other=0.0)
@@ -104,14 +112,13 @@ def _swa_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DM, IDX, DQ, T, H, scale, WINDOW
         dm = tl.load(DM + row, mask=rm < T, other=0.0)
         idx = tl.load(IDX + row, mask=rm < T, other=-1)
     dq = tl.zeros([BM, BK], tl.float32)
-    lo = (tl.maximum(pid_m * BM - WINDOW + 1, 0) // BN) * BN
-    hi = tl.minimum((pid_m + 1) * BM, T)
+    lo, hi = _keys_of(pid_m, BM, BN, T, WINDOW)
     for start_n in range(lo, hi, BN):
         cols = start_n + rn
-        k = tl.load(K + ((b * T + cols[:, None]) * H + h) * DK + rk[None, :],
-                    mask=(cols[:, None] < T) & (rk[None, :] < DK), other=0.0)  # (BN, BK)
-        v = tl.load(V + ((b * T + cols[:, None]) * H + h) * DV + rv[None, :],
-                    mask=(cols[:, None] < T) & (rv[None, :] < DV), other=0.0)  # (BN, BV)
+        k_off, k_mask = tile(b, h, start_n, T, H, DK, BN, BK, 0)
+        k = tl.load(K + k_off, mask=k_mask, other=0.0)  # (BN, BK)
+        v_off, v_mask = tile(b, h, start_n, T, H, DV, BN, BV, 0)
+        v = tl.load(V + v_off, mask=v_mask, other=0.0)  # (BN, BV)
         s = _mm(q, tl.trans(k), PREC) * scale
         p = tl.exp(tl.where(_band(rm, cols, T, WINDOW), s - lse[:, None], float("-inf")))
         dp = _mm(do, tl.trans(v), PREC)  # (BM, BN)
@@ -119,8 +126,7 @@ def _swa_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DM, IDX, DQ, T, H, scale, WINDOW
         if HAS_DM:  # d m_i lands on the score of the key holding the max
             ds += tl.where(cols[None, :] == idx[:, None], dm[:, None], 0.0)
         dq += _mm(ds.to(k.dtype), k, PREC)
-    tl.store(DQ + ((b * T + rm[:, None]) * H + h) * DK + rk[None, :],
-             (dq * scale).to(DQ.dtype.element_ty), mask=(rm[:, None] < T) & (rk[None, :] < DK))
+    tl.store(DQ + q_off, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
 @triton.jit
@@ -129,23 +135,23 @@ def _swa_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DM, IDX, DK_, DV_, T, H, scale
                          BN: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                          HAS_DM: tl.constexpr, PREC: tl.constexpr):
     pid_n, bh = tl.program_id(0), tl.program_id(1)
-    b, h = (bh // H).to(tl.int64), bh % H  # int64 offsets: B*T*H*D can pass 2^31
+    b, h = bh // H, bh % H
     rn = pid_n * BN + tl.arange(0, BN)
-    rm0, rk, rv = tl.arange(0, BM), tl.arange(0, BK), tl.arange(0, BV)
-    k = tl.load(K + ((b * T + rn[:, None]) * H + h) * DK + rk[None, :],
-                mask=(rn[:, None] < T) & (rk[None, :] < DK), other=0.0)  # (BN, BK)
-    v = tl.load(V + ((b * T + rn[:, None]) * H + h) * DV + rv[None, :],
-                mask=(rn[:, None] < T) & (rv[None, :] < DV), other=0.0)  # (BN, BV)
+    rm0 = tl.arange(0, BM)
+    k_off, k_mask = tile(b, h, pid_n * BN, T, H, DK, BN, BK, 0)
+    v_off, v_mask = tile(b, h, pid_n * BN, T, H, DV, BN, BV, 0)
+    k = tl.load(K + k_off, mask=k_mask, other=0.0)  # (BN, BK)
+    v = tl.load(V + v_off, mask=v_mask, other=0.0)  # (BN, BV)
     dk = tl.zeros([BN, BK], tl.float32)
     dv = tl.zeros([BN, BV], tl.float32)
     lo = (pid_n * BN // BM) * BM
     hi = tl.minimum(pid_n * BN + BN - 1 + WINDOW, T)  # last query that sees key n: n+W-1
     for start_m in range(lo, hi, BM):
         rm = start_m + rm0
-        q = tl.load(Q + ((b * T + rm[:, None]) * H + h) * DK + rk[None, :],
-                    mask=(rm[:, None] < T) & (rk[None, :] < DK), other=0.0)  # (BM, BK)
-        do = tl.load(DO + ((b * T + rm[:, None]) * H + h) * DV + rv[None, :],
-                     mask=(rm[:, None] < T) & (rv[None, :] < DV), other=0.0)  # (BM, BV)
+        q_off, q_mask = tile(b, h, start_m, T, H, DK, BM, BK, 0)
+        q = tl.load(Q + q_off, mask=q_mask, other=0.0)  # (BM, BK)
+        do_off, do_mask = tile(b, h, start_m, T, H, DV, BM, BV, 0)
+        do = tl.load(DO + do_off, mask=do_mask, other=0.0)  # (BM, BV)
         row = bh * T + rm
         lse = tl.load(LSE + row, mask=rm < T, other=0.0)
         delta = tl.load(DELTA + row, mask=rm < T, other=0.0)
@@ -159,11 +165,8 @@ def _swa_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DM, IDX, DK_, DV_, T, H, scale
             idx = tl.load(IDX + row, mask=rm < T, other=-1)
             ds_t += tl.where(rn[:, None] == idx[None, :], dm[None, :], 0.0)
         dk += _mm(ds_t.to(q.dtype), q, PREC)
-    out_k = ((b * T + rn[:, None]) * H + h) * DK + rk[None, :]
-    out_v = ((b * T + rn[:, None]) * H + h) * DV + rv[None, :]
-    tl.store(DK_ + out_k, (dk * scale).to(DK_.dtype.element_ty),
-             mask=(rn[:, None] < T) & (rk[None, :] < DK))
-    tl.store(DV_ + out_v, dv.to(DV_.dtype.element_ty), mask=(rn[:, None] < T) & (rv[None, :] < DV))
+    tl.store(DK_ + k_off, (dk * scale).to(DK_.dtype.element_ty), mask=k_mask)
+    tl.store(DV_ + v_off, dv.to(DV_.dtype.element_ty), mask=v_mask)
 
 
 def _prec(x: torch.Tensor) -> str:
