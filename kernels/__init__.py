@@ -130,9 +130,6 @@ def window_linear_attention(q, k, v, fq, fk, *, window=64, gamma, scale=None, ep
                             output_final_state=False, chunk_size=64, backend="auto"):
     """LoLCATs window + linear hybrid -> y, or (y, WindowState) with output_final_state."""
     fn, extra = _resolve("window_linear_attention", backend, q, chunk_size)
-    if output_final_state and "block" in extra:  # the torch form returns its own state
-        return fn(q, k, v, fq, fk, window=window, gamma=gamma, scale=scale, eps=eps,
-                  output_final_state=True, **extra)
     y = fn(q, k, v, fq, fk, window=window, gamma=gamma, scale=scale, eps=eps, **extra)
     if not output_final_state:
         return y

@@ -101,6 +101,18 @@ def state_tile(bh, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.co
     return bh * K * V + i[:, None] * V + j[None, :], (i < K)[:, None] & (j < V)[None, :]
 
 
+@triton.jit
+def init_state(x, bh, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+               k0, v0, LOAD: tl.constexpr):
+    """A (BK, BV) fp32 block of a (B, H, K, V) state: x's block when LOAD, else zeros.
+    Also returns the block's offsets and mask (to store a final state or its gradient)."""
+    off, mask = state_tile(bh, K, V, BK, BV, k0, v0)
+    S = tl.zeros((BK, BV), tl.float32)
+    if LOAD:
+        S += tl.load(x + off, mask=mask, other=0.0)
+    return S, off, mask
+
+
 def check_inputs(q, k, v, initial_state=None, state_extra: int = 0, **per_head):
     """One-line ValueError for inconsistent shapes. per_head: name=(tensor, expected shape)."""
     if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:

@@ -30,8 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
-from linbench.kernels.triton.common import (check_inputs, dot_precision, load_tile, pow2,
-                                            state_tile, store_tile, tile, tuned)
+from linbench.kernels.triton.common import (check_inputs, dot_precision, init_state,
+                                            load_tile, pow2, state_tile, store_tile, tile,
+                                            tuned)
 
 BT = 16  # chunk length (tl.dot needs >= 16)
 BKS = 32  # key slice of the pairwise (BT, BT, BKS) tensor
@@ -73,10 +74,8 @@ def _fwd(q, k, v, g, s0, o, sT, T, scale, H: tl.constexpr, K: tl.constexpr, V: t
          HAS_S0: tl.constexpr, STORE_FINAL: tl.constexpr, PREC: tl.constexpr):
     iv, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
-    s_off, s_mask = state_tile(bh, K, V, BK, BV, 0, iv * BV)
-    S = tl.zeros((BK, BV), tl.float32)  # state slice (K, BV), fp32
-    if HAS_S0:
-        S += tl.load(s0 + s_off, mask=s_mask, other=0.0)
+    # state slice (K, BV), fp32
+    S, s_off, s_mask = init_state(s0, bh, K, V, BK, BV, 0, iv * BV, HAS_S0)
     for n in range(0, tl.cdiv(T, BT)):
         t0 = n * BT
         bq = load_tile(q, b, h, t0, T, H, K, BT, BK, 0)  # (BT, K)
@@ -104,10 +103,7 @@ def _bwd_dq(q, k, v, g, s0, do, dq, dG, T, scale, H: tl.constexpr, K: tl.constex
     (j = i) term, which cancels exactly against k * dk and would only add rounding error."""
     ik, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
-    s_off, s_mask = state_tile(bh, K, V, BK, BV, ik * BK, 0)
-    S = tl.zeros((BK, BV), tl.float32)
-    if HAS_S0:
-        S += tl.load(s0 + s_off, mask=s_mask, other=0.0)
+    S, s_off, s_mask = init_state(s0, bh, K, V, BK, BV, ik * BK, 0, HAS_S0)
     i = tl.arange(0, BT)
     eye = i[:, None] == i[None, :]
     for n in range(0, tl.cdiv(T, BT)):
@@ -193,10 +189,7 @@ def _bwd_dv(q, k, g, dsT, do, dv, T, scale, H: tl.constexpr, K: tl.constexpr, V:
     """dv = scale A^T dO + (K * e^(Gl - G)) dS, dS (K, BV) swept from the last chunk."""
     iv, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
-    s_off, s_mask = state_tile(bh, K, V, BK, BV, 0, iv * BV)
-    dS = tl.zeros((BK, BV), tl.float32)
-    if HAS_DST:
-        dS += tl.load(dsT + s_off, mask=s_mask, other=0.0)
+    dS, s_off, s_mask = init_state(dsT, bh, K, V, BK, BV, 0, iv * BV, HAS_DST)
     NT = tl.cdiv(T, BT)
     for r in range(0, NT):
         t0 = (NT - 1 - r) * BT

@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from linbench.kernels.triton.common import (check_inputs, dot_precision, load_tile, pow2,
-                                            state_tile, store_tile, tuned)
+from linbench.kernels.triton.common import (check_inputs, dot_precision, init_state,
+                                            load_tile, pow2, store_tile, tuned)
 
 BT = 64  # chunk length: Lightning Attention-2's block size
 
@@ -56,10 +56,8 @@ def _fwd(q, k, v, decay, s0, o, sT, T, scale, H: tl.constexpr, K: tl.constexpr, 
          HAS_S0: tl.constexpr, STORE_FINAL: tl.constexpr, PREC: tl.constexpr):
     iv, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
-    s_off, s_mask = state_tile(bh, K, V, BK, BV, 0, iv * BV)
-    S = tl.zeros((BK, BV), tl.float32)  # state slice (K, BV), fp32
-    if HAS_S0:
-        S += tl.load(s0 + s_off, mask=s_mask, other=0.0)
+    # state slice (K, BV), fp32
+    S, s_off, s_mask = init_state(s0, bh, K, V, BK, BV, 0, iv * BV, HAS_S0)
     lam = tl.load(decay + h).to(tl.float32) if HAS_DECAY else 0.0
     for n in range(0, tl.cdiv(T, BT)):
         t0 = n * BT
@@ -92,10 +90,7 @@ def _bwd_dq(q, k, v, decay, s0, dsT, do, dq, dlam, T, scale, H: tl.constexpr, K:
     """
     ik, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
-    s_off, s_mask = state_tile(bh, K, V, BK, BV, ik * BK, 0)
-    S = tl.zeros((BK, BV), tl.float32)  # state slice (BK, V)
-    if HAS_S0:
-        S += tl.load(s0 + s_off, mask=s_mask, other=0.0)
+    S, s_off, s_mask = init_state(s0, bh, K, V, BK, BV, ik * BK, 0, HAS_S0)  # (BK, V)
     lam = tl.load(decay + h).to(tl.float32) if HAS_DECAY else 0.0
     i = tl.arange(0, BT)
     dist = tl.maximum(i[:, None] - i[None, :], 0).to(tl.float32)  # (BT, BT)
@@ -137,10 +132,8 @@ def _bwd_dk(q, v, decay, dsT, do, dk, ds0, T, scale, H: tl.constexpr, K: tl.cons
     """dk = scale (dO V^T * D)^T Q + kd (V dS^T), dS swept from the last chunk to the first."""
     ik, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
-    s_off, s_mask = state_tile(bh, K, V, BK, BV, ik * BK, 0)
-    dS = tl.zeros((BK, BV), tl.float32)  # gradient of the state after the chunk (BK, V)
-    if HAS_DST:
-        dS += tl.load(dsT + s_off, mask=s_mask, other=0.0)
+    # gradient of the state after the chunk (BK, V)
+    dS, s_off, s_mask = init_state(dsT, bh, K, V, BK, BV, ik * BK, 0, HAS_DST)
     lam = tl.load(decay + h).to(tl.float32) if HAS_DECAY else 0.0
     NT = tl.cdiv(T, BT)
     for r in range(0, NT):
@@ -166,10 +159,7 @@ def _bwd_dv(q, k, decay, dsT, do, dv, T, scale, H: tl.constexpr, K: tl.constexpr
     """dv = scale (Q K^T * D)^T dO + (K * kd) dS, dS swept from the last chunk to the first."""
     iv, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
-    s_off, s_mask = state_tile(bh, K, V, BK, BV, 0, iv * BV)
-    dS = tl.zeros((BK, BV), tl.float32)  # (K, BV)
-    if HAS_DST:
-        dS += tl.load(dsT + s_off, mask=s_mask, other=0.0)
+    dS, s_off, s_mask = init_state(dsT, bh, K, V, BK, BV, 0, iv * BV, HAS_DST)  # (K, BV)
     lam = tl.load(decay + h).to(tl.float32) if HAS_DECAY else 0.0
     NT = tl.cdiv(T, BT)
     for r in range(0, NT):
