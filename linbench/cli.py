@@ -54,7 +54,7 @@ def run(model, revision, methods, suites, limit, batch_size, dtype, device, seed
         force, quiet):
     """Linearize MODEL with each method, recover it, and run each suite."""
     from linbench import report, runner
-    runner.validate(runner.RunPlan(model, methods, suites, None, results_dir))
+    runner.validate(methods, suites)
     device = device or _default_device()
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     batch_size = batch_size or (8 if device.startswith("cuda") else 1)

@@ -15,6 +15,8 @@ from linbench import models, provenance, registry
 from linbench.results import Store
 from linbench.suites.base import RunContext
 
+STATE_SEQLEN = 2048  # the context length at which records report state size
+
 
 @dataclass
 class RunPlan:
@@ -57,16 +59,16 @@ def plan_jobs(plan: RunPlan, spec: models.ModelSpec, store: Store) -> list[Job]:
     return jobs
 
 
-def validate(plan: RunPlan) -> None:
+def validate(methods: list[str], suites: list[str]) -> None:
     """Fail fast (before loading anything) on unknown methods or suites."""
-    for name in plan.methods:
+    for name in methods:
         registry.methods.check(name)
-    for name in plan.suites:
+    for name in suites:
         registry.suites.check(name)
 
 
 def run(plan: RunPlan, echo=print) -> list[dict]:
-    validate(plan)
+    validate(plan.methods, plan.suites)
     spec = models.resolve(plan.model, plan.revision)
     store = Store(plan.results_dir)
     jobs = plan_jobs(plan, spec, store)
@@ -115,7 +117,7 @@ def _run_one(job: Job, model, tokenizer, plan: RunPlan, spec, env: dict, stages)
         "dtype": plan.ctx.dtype,
         "seeds": {"suite": plan.ctx.seed},
         "recovery": stages,
-        "state_bytes_per_seq_2k": _state_bytes(job.method_obj, model),
+        "state_bytes": {"seqlen": STATE_SEQLEN, "bytes": _state_bytes(job.method_obj, model)},
     }
     try:
         records = job.suite_obj.run(model, tokenizer, plan.ctx)
@@ -133,7 +135,8 @@ def _run_one(job: Job, model, tokenizer, plan: RunPlan, spec, env: dict, stages)
 
 
 def _state_bytes(method, model) -> int | None:
+    """Recurrent state (or KV cache) per sequence at STATE_SEQLEN tokens; None if unknown."""
     try:
-        return int(method.state_bytes(model, 2048))
+        return int(method.state_bytes(model, STATE_SEQLEN))
     except NotImplementedError:
         return None

@@ -81,9 +81,10 @@ def test_run_writes_record_then_reuses_it(invoke, plugin_path, tiny_model_dir, t
     rec = json.loads(files[0].read_text())
     for field in ("schema_version", "run_id", "command", "linbench", "git", "config",
                   "config_hash", "model", "dtype", "device", "versions", "seeds", "recovery",
-                  "metrics", "status"):
+                  "metrics", "status", "state_bytes"):
         assert field in rec, field
     assert rec["status"] == "ok" and rec["model"]["source"] == "local"
+    assert rec["state_bytes"] == {"seqlen": 2048, "bytes": 0}  # what the plugin reports
     assert len(rec["model"]["file_hash"]) == 64
     assert {"torch", "transformers", "lm_eval", "peft", "triton", "python"} <= set(rec["versions"])
     nll = rec["metrics"]["nll"]
