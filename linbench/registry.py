@@ -14,6 +14,13 @@ from linbench.errors import one_of
 BUILTIN = {
     "methods": {
         "softmax": "linbench.methods.softmax:Softmax",
+        "swa": "linbench.methods.swa:SWA",
+        "hedgehog": "linbench.methods.hedgehog:Hedgehog",
+        "lolcats": "linbench.methods.lolcats:Lolcats",
+        "liger": "linbench.methods.liger:Liger",
+        "gla": "linbench.methods.gla:GLA",
+        "deltanet": "linbench.methods.deltanet:DeltaNet",
+        "lightning": "linbench.methods.lightning:Lightning",
     },
     "suites": {
         "mmlu5": "linbench.suites.mmlu5:MMLU5",

@@ -1,9 +1,17 @@
-"""The method interface: linearize a pretrained model, then recover its quality."""
+"""The method interface: linearize a pretrained model, then recover its quality.
+
+`Method` is the plugin contract (DESIGN.md). `LinearMethod` is the shared implementation
+that the built-in methods configure: it swaps every decoder layer's attention for a
+`LinearizedAttention` around the mixer the method builds, and recovers it with the
+stages its config names (attention transfer, then LoRA; linbench.recovery).
+"""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
+
+from linbench.errors import LinbenchError
 
 
 @dataclass
@@ -15,8 +23,10 @@ class Method:
     name: ClassVar[str]
     config_cls: ClassVar[type] = MethodConfig
 
-    def __init__(self, config: MethodConfig | None = None):
+    def __init__(self, config: MethodConfig | None = None, **overrides):
         self.config = config if config is not None else self.config_cls()
+        if overrides:
+            self.config = dataclasses.replace(self.config, **overrides)
 
     def config_dict(self) -> dict:
         return dataclasses.asdict(self.config)
@@ -32,6 +42,82 @@ class Method:
     def needs_recovery(self) -> bool:
         return False
 
+    def window(self) -> int | None:
+        """Exact-attention window in tokens: None = all tokens (softmax), 0 = none."""
+        return None
+
     def state_bytes(self, model, seqlen: int) -> int:
         """Bytes of recurrent state (or KV cache) per sequence at `seqlen` tokens."""
         raise NotImplementedError
+
+    def mixer(self, heads: int, head_dim: int, backend: str = "auto"):
+        """A module computing this method's sequence mixing on (B, T, H, D) q, k, v
+        (fresh parameters), for kernel-level speed sweeps."""
+        raise NotImplementedError
+
+
+@dataclass
+class LinearConfig(MethodConfig):
+    """Fields shared by every linearized method. Recovery defaults are LoLCATs'
+    (arXiv 2410.10254, sec. 4 / App. B); methods override what their paper changes."""
+    softmax_every: int = 0                    # keep softmax in every n-th layer (Liger-H: 7)
+    keep_softmax_layers: tuple[int, ...] = ()  # ...or in these layer indices
+    backend: str = "auto"                      # kernel backend (linbench.kernels.BACKENDS)
+    # stage 1: attention transfer
+    transfer: str | None = "mse"               # "mse" (outputs before o_proj) | "ce" | None
+    transfer_lr: float = 1e-2
+    transfer_weight: float = 1000.0            # LoLCATs: 1000 x mean-over-layers MSE
+    # stage 2: LoRA through peft
+    lora_r: int = 8                            # 0 = no LoRA stage
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    lora_lr: float = 1e-4
+    max_grad_norm: float = 1.0                 # applied for real (METHODS.md)
+    seqlen: int = 1024                         # packed training sequence length
+    weight_decay: float = 0.0
+
+
+class LinearMethod(Method):
+    config_cls = LinearConfig
+    norm: ClassVar[bool] = False               # per-head RMSNorm before o_proj
+    output_gate: ClassVar[bool] = False
+
+    def build_mixer(self, heads: int, head_dim: int, hidden: int, layer: int, layers: int):
+        raise NotImplementedError
+
+    def softmax_layers(self, layers: int) -> set[int]:
+        c = self.config
+        keep = {i for i in c.keep_softmax_layers if 0 <= i < layers}
+        if c.softmax_every:
+            keep |= {i for i in range(layers) if i % c.softmax_every == c.softmax_every - 1}
+        return keep
+
+    def linearize(self, model):
+        from linbench.methods.linearize import swap_attention
+        return swap_attention(model, self)
+
+    def needs_recovery(self) -> bool:
+        return self.config.transfer is not None or self.config.lora_r > 0
+
+    def recover(self, model, data, budget):
+        from linbench import recovery
+        return recovery.recover(self, model, data, budget)
+
+    def window(self) -> int | None:
+        return 0
+
+    def state_bytes(self, model, seqlen: int) -> int:
+        from linbench.methods.linearize import state_bytes
+        return state_bytes(model, self, seqlen)
+
+    def mixer(self, heads: int, head_dim: int, backend: str = "auto"):
+        from linbench.methods.linearize import MixerModule
+        m = dataclasses.replace(self.config, backend=backend)
+        return MixerModule(type(self)(m).build_mixer(heads, head_dim, heads * head_dim, 0, 1),
+                           heads, head_dim)
+
+
+def unsupported(model, supported) -> LinbenchError:
+    arch = type(model).__name__
+    return LinbenchError(f"cannot linearize {arch}: supported architectures are {', '.join(supported)}")

@@ -1,7 +1,17 @@
 """`softmax`: the unmodified pretrained model, the parent row of every table."""
 from __future__ import annotations
 
+from torch import nn
+
 from linbench.methods.base import Method
+
+
+class SDPAMixer(nn.Module):
+    """Causal softmax attention on (B, T, H, D) through torch SDPA (FlashAttention on GPU)."""
+
+    def forward(self, q, k, v):
+        from linbench.methods.attention import softmax_attention
+        return softmax_attention(q, k, v, q.shape[-1] ** -0.5)
 
 
 class Softmax(Method):
@@ -17,3 +27,6 @@ class Softmax(Method):
         kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
         elem = next(model.parameters()).element_size()
         return 2 * c.num_hidden_layers * kv_heads * head_dim * seqlen * elem
+
+    def mixer(self, heads: int, head_dim: int, backend: str = "auto"):
+        return SDPAMixer()

@@ -1,0 +1,232 @@
+"""Mixers: the sequence-mixing part of a linearized layer, built on linbench.kernels.
+
+A mixer is called as `mixer(h: Heads, state, want_state) -> (o, state)`, o (B, T, H, D).
+`state=None` starts a sequence (prefill, chunked kernels); with a state and one token it
+takes the kernel's decode step, so parallel and token-by-token forms agree. Every mixer
+knows its exact-attention `window` (0: none) and its state size in bytes.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from linbench import kernels as K
+
+
+def _steps(step, h, state):
+    """Run a multi-token continuation through the decode step, token by token."""
+    outs = []
+    for t in range(h.q.shape[1]):
+        o, state = step(h, t, state)
+        outs.append(o)
+    return torch.stack(outs, 1), state
+
+
+class LinearMix(nn.Module):
+    """Causal linear attention on feature maps, with an optional fixed per-head log-decay
+    (Lightning) and the normalizer sum_j phi(q_i).phi(k_j) (Hedgehog)."""
+
+    window = 0
+
+    def __init__(self, fq: nn.Module, fk: nn.Module, *, normalize: bool, log_decay=None,
+                 scale: float | None = None, backend: str = "auto"):
+        super().__init__()
+        self.fq, self.fk, self.normalize, self.scale, self.backend = fq, fk, normalize, scale, backend
+        self.register_buffer("log_decay", log_decay, persistent=False)
+
+    def features(self, h):
+        return self.fq(h.q), self.fk(h.k)
+
+    def forward(self, h, state, want_state):
+        fq, fk = self.features(h)
+        kw = dict(decay=self.log_decay, normalize=self.normalize, scale=self.scale)
+        if state is not None and fq.shape[1] == 1:
+            o, state = K.linear_attention_step(fq[:, 0], fk[:, 0], h.v[:, 0], state, **kw)
+            return o[:, None], state
+        return K.linear_attention(fq, fk, h.v, **kw, initial_state=state,
+                                  output_final_state=want_state, backend=self.backend)
+
+    def weights(self, h, i0: int, i1: int):
+        """Normalized attention weights of queries i0..i1 over all keys (B, H, n, T)."""
+        fq, fk = self.features(h)
+        a = torch.einsum("bihf,bjhf->bhij", fq[:, i0:i1].float(), fk.float())
+        T = fk.shape[1]
+        causal = torch.arange(T, device=a.device)[None] <= torch.arange(i0, i1, device=a.device)[:, None]
+        a = a * causal
+        return a / a.sum(-1, keepdim=True).clamp_min(1e-12)
+
+    def state_bytes(self, heads, head_dim, seqlen, elem):
+        f = getattr(self.fk, "feature_dim", head_dim)
+        return heads * f * (head_dim + int(self.normalize)) * 4
+
+
+class LowRankGate(nn.Module):
+    """GLA's data-dependent forget gate (arXiv 2312.06635, sec. 4.4):
+    g = logsigmoid(W2 W1 x + b) / tau, rank 16, tau 16 -> (B, T, H, D) log-gates."""
+
+    def __init__(self, hidden: int, heads: int, head_dim: int, rank: int = 16, tau: float = 16.0):
+        super().__init__()
+        self.down = nn.Linear(hidden, rank, bias=False)
+        self.up = nn.Linear(rank, heads * head_dim, bias=True)
+        self.tau, self.shape = tau, (heads, head_dim)
+
+    def forward(self, h):
+        g = F.logsigmoid(self.up(self.down(h.x)).float()) / self.tau
+        return g.view(*h.x.shape[:2], *self.shape)
+
+
+class KeyGate(nn.Module):
+    """Liger's gate from the pretrained key projection (arXiv 2503.01496, Table 1), as a
+    log-gate (B, T, H, D) <= 0. The pooling of the reference code is an identity.
+
+    gla:    logsigmoid(k) / tau          (the reference code's default, tau = 16)
+    mamba2: -softplus(k)                 (decay exp(-softplus(k)))
+    hgrn2:  log(c + (1 - c) sigmoid(k))  (c = 0.5, a lower bound on the decay)
+    rwkv6:  -exp(k)                      (decay exp(-exp(k)))
+    """
+
+    FORMS = ("gla", "mamba2", "hgrn2", "rwkv6")
+
+    def __init__(self, tau: float = 16.0, form: str = "gla", floor: float = 0.5):
+        super().__init__()
+        if form not in self.FORMS:
+            raise ValueError(f"unknown gate form {form!r}; valid: {', '.join(self.FORMS)}")
+        self.tau, self.form, self.floor = tau, form, floor
+
+    def forward(self, h):
+        k = h.k0.float()
+        if self.form == "gla":
+            return F.logsigmoid(k) / self.tau
+        if self.form == "mamba2":
+            return -F.softplus(k)
+        if self.form == "hgrn2":
+            return torch.log(self.floor + (1 - self.floor) * torch.sigmoid(k))
+        return -torch.exp(k)
+
+
+class GatedMix(nn.Module):
+    """Gated linear attention: S_t = diag(exp g_t) S_{t-1} + k_t v_t^T, o_t = S_t^T q_t."""
+
+    window = 0
+
+    def __init__(self, fq: nn.Module, fk: nn.Module, gate: nn.Module, *, pre_rope: bool = False,
+                 scale: float | None = None, backend: str = "auto"):
+        super().__init__()
+        self.fq, self.fk, self.gate = fq, fk, gate
+        self.pre_rope, self.scale, self.backend = pre_rope, scale, backend
+
+    def forward(self, h, state, want_state):
+        q, k = (h.q0, h.k0) if self.pre_rope else (h.q, h.k)
+        q, k, g = self.fq(q), self.fk(k), self.gate(h)
+        if state is not None and q.shape[1] == 1:
+            o, state = K.gated_linear_attention_step(q[:, 0], k[:, 0], h.v[:, 0], g[:, 0], state,
+                                                     scale=self.scale)
+            return o[:, None], state
+        return K.gated_linear_attention(q, k, h.v, g, scale=self.scale, initial_state=state,
+                                        output_final_state=want_state, backend=self.backend)
+
+    def state_bytes(self, heads, head_dim, seqlen, elem):
+        return heads * head_dim * head_dim * 4
+
+
+class DeltaMix(nn.Module):
+    """DeltaNet (arXiv 2406.06484): S_t = S_{t-1}(I - b_t k_t k_t^T) + b_t v_t k_t^T, with
+    q, k through SiLU + L2 norm and a new write strength b_t = sigmoid(W x_t) per head."""
+
+    window = 0
+
+    def __init__(self, fq: nn.Module, fk: nn.Module, hidden: int, heads: int, *,
+                 scale: float | None = None, backend: str = "auto"):
+        super().__init__()
+        self.fq, self.fk, self.scale, self.backend = fq, fk, scale, backend
+        self.beta = nn.Linear(hidden, heads, bias=True)
+        nn.init.zeros_(self.beta.bias)  # the paper's zero-initialized bias
+
+    def forward(self, h, state, want_state):
+        q, k = self.fq(h.q), self.fk(h.k)
+        beta = torch.sigmoid(self.beta(h.x).float())  # (B, T, H)
+        if state is not None and q.shape[1] == 1:
+            o, state = K.delta_rule_step(q[:, 0], k[:, 0], h.v[:, 0], beta[:, 0], state, scale=self.scale)
+            return o[:, None], state
+        return K.delta_rule(q, k, h.v, beta, scale=self.scale, initial_state=state,
+                            output_final_state=want_state, backend=self.backend)
+
+    def state_bytes(self, heads, head_dim, seqlen, elem):
+        return heads * head_dim * head_dim * 4
+
+
+class WindowSoftmax(nn.Module):
+    """Sliding-window softmax over the last `window` keys (the `swa` baseline, Liger's branch)."""
+
+    def __init__(self, window: int = 64, scale: float | None = None, backend: str = "auto"):
+        super().__init__()
+        self.window, self.scale, self.backend = window, scale, backend
+
+    def _step(self, h, t, cache):
+        o, cache = K.sliding_window_attention_step(h.q[:, t], h.k[:, t], h.v[:, t], cache,
+                                                   window=self.window, scale=self.scale)
+        return o, cache
+
+    def forward(self, h, state, want_state):
+        if state is not None:
+            return _steps(self._step, h, state)
+        out = K.sliding_window_attention(h.q, h.k, h.v, window=self.window, scale=self.scale,
+                                         output_final_state=want_state, backend=self.backend)
+        return out if want_state else (out, None)
+
+    def state_bytes(self, heads, head_dim, seqlen, elem):
+        return 2 * min(seqlen, self.window) * heads * head_dim * elem
+
+
+class HybridWindow(nn.Module):
+    """LoLCATs attention (arXiv 2410.10254, eq. 6): window softmax scaled by
+    gamma_h = sigmoid(w_h) plus linear attention on Hedgehog features beyond the window,
+    one shared normalizer. w_h starts at -2.1972 (gamma ~ 0.1), the paper's value."""
+
+    def __init__(self, fq: nn.Module, fk: nn.Module, heads: int, window: int = 64,
+                 gamma_init: float = -2.1972, scale: float | None = None, backend: str = "auto"):
+        super().__init__()
+        self.fq, self.fk, self.window, self.scale, self.backend = fq, fk, window, scale, backend
+        self.gamma_logit = nn.Parameter(torch.full((heads,), gamma_init))
+
+    def _step(self, h, t, state):
+        fq, fk = self.fq(h.q[:, t:t + 1])[:, 0], self.fk(h.k[:, t:t + 1])[:, 0]
+        return K.window_linear_attention_step(h.q[:, t], h.k[:, t], h.v[:, t], fq, fk, state,
+                                              window=self.window, gamma=torch.sigmoid(self.gamma_logit),
+                                              scale=self.scale)
+
+    def forward(self, h, state, want_state):
+        if state is not None:
+            return _steps(self._step, h, state)
+        out = K.window_linear_attention(h.q, h.k, h.v, self.fq(h.q), self.fk(h.k), window=self.window,
+                                        gamma=torch.sigmoid(self.gamma_logit), scale=self.scale,
+                                        output_final_state=want_state, backend=self.backend)
+        return out if want_state else (out, None)
+
+    def state_bytes(self, heads, head_dim, seqlen, elem):
+        f = getattr(self.fk, "feature_dim", head_dim)
+        n = min(seqlen, self.window)
+        return heads * f * (head_dim + 1) * 4 + n * heads * (2 * head_dim + f) * elem
+
+
+class MixSum(nn.Module):
+    """A weighted sum of mixers, each with its own state (Liger Attention: 0.5 GLA + 0.5 SWA;
+    the paper stresses the weights sum to 1)."""
+
+    def __init__(self, parts: list[tuple[float, nn.Module]]):
+        super().__init__()
+        self.weights_ = [w for w, _ in parts]
+        self.parts = nn.ModuleList([m for _, m in parts])
+        self.window = max(getattr(m, "window", 0) for m in self.parts)
+
+    def forward(self, h, state, want_state):
+        states = state if state is not None else (None,) * len(self.parts)
+        o, new = 0, []
+        for w, m, s in zip(self.weights_, self.parts, states):
+            oi, si = m(h, s, want_state)
+            o, new = o + w * oi.float(), new + [si]
+        return o.to(h.v.dtype), (tuple(new) if want_state else None)
+
+    def state_bytes(self, heads, head_dim, seqlen, elem):
+        return sum(m.state_bytes(heads, head_dim, seqlen, elem) for m in self.parts)
