@@ -220,7 +220,9 @@ class LinearizedAttention(nn.Module):
 
     def _attention_ce(self, h: Heads):
         """Hedgehog's attention distillation: cross-entropy between the softmax attention
-        weights (soft labels) and the linear attention weights, in query blocks."""
+        weights (soft labels) and the linear attention weights, in query blocks. The
+        teacher's entropy is subtracted (so this is KL(p || a), 0 at a perfect match):
+        a constant, the gradients are the cross-entropy's."""
         T = h.q.shape[1]
         q, k = h.q.detach().transpose(1, 2).float(), h.k.detach().transpose(1, 2).float()  # (B, H, T, D)
         total = 0.0
@@ -231,7 +233,8 @@ class LinearizedAttention(nn.Module):
                 causal = torch.arange(T, device=s.device)[None] <= torch.arange(i0, i1, device=s.device)[:, None]
                 p = s.masked_fill(~causal, float("-inf")).softmax(-1)
             a = self.mixer.weights(h, i0, i1)                           # (B, H, n, T), rows sum to 1
-            total = total - (p * torch.log(a.clamp_min(1e-12))).sum(-1).sum()
+            logp = torch.log(p.clamp_min(1e-30))
+            total = total + (p * (logp - torch.log(a.clamp_min(1e-12)))).sum(-1).sum()
         return total / (h.q.shape[0] * self.heads * T)
 
 
