@@ -24,6 +24,9 @@ BUILTIN = {
     },
     "suites": {
         "mmlu5": "linbench.suites.mmlu5:MMLU5",
+        "commonsense": "linbench.suites.commonsense:Commonsense",
+        "ppl": "linbench.suites.ppl:Perplexity",
+        "recall": "linbench.suites.recall:Recall",
     },
 }
 

@@ -6,6 +6,7 @@ records are reused, so an interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 import traceback
 import uuid
@@ -27,6 +28,9 @@ class RunPlan:
     results_dir: str
     revision: str | None = None
     force: bool = False
+    budget: str = "cpu"               # recovery budget (linbench.budget.parse)
+    data: str = "sharegpt"            # recovery corpus (linbench.corpus.Corpus source)
+    checkpoints: str | None = None    # recovered-model cache; default <cache>/checkpoints
 
 
 @dataclass
@@ -45,6 +49,7 @@ def plan_jobs(plan: RunPlan, spec: models.ModelSpec, store: Store) -> list[Job]:
     jobs = []
     for method_name in plan.methods:
         method = registry.methods.get(method_name)()
+        recovery = recovery_config(plan, method) if method.needs_recovery() else None
         for suite_name in plan.suites:
             suite = registry.suites.get(suite_name)()
             config = {
@@ -53,6 +58,8 @@ def plan_jobs(plan: RunPlan, spec: models.ModelSpec, store: Store) -> list[Job]:
                 "suite": {"name": suite_name, "version": suite.version, **suite.config(plan.ctx)},
                 "dtype": plan.ctx.dtype,
             }
+            if recovery is not None:  # a different budget or corpus is a different result
+                config["recovery"] = recovery
             key = provenance.config_hash(config)
             path = store.path(spec.name, method_name, suite_name, key)
             jobs.append(Job(method_name, suite_name, method, suite, config, key, path))
@@ -85,12 +92,13 @@ def run(plan: RunPlan, echo=print) -> list[dict]:
                 todo.append(job)
         if not todo:
             continue
-        model, tokenizer = models.load(spec, plan.ctx.dtype, plan.ctx.device)
         method = todo[0].method_obj
-        model = method.linearize(model)
-        stages = []
         if method.needs_recovery():
-            raise NotImplementedError(f"recovery for {method_name} is not implemented yet")
+            model, tokenizer = _recovered(todo[0], spec, plan, echo)
+        else:
+            model, tokenizer = models.load(spec, plan.ctx.dtype, plan.ctx.device)
+            model = method.linearize(model)
+        stages = _stages_of(model)
         for job in todo:
             echo(f"[{method_name}/{job.suite}] running on {spec.name} ({plan.ctx.device}, {plan.ctx.dtype})")
             record = _run_one(job, model, tokenizer, plan, spec, env, stages)
@@ -115,7 +123,8 @@ def _run_one(job: Job, model, tokenizer, plan: RunPlan, spec, env: dict, stages)
         "config_hash": job.key,
         "context": dataclasses.asdict(plan.ctx),
         "dtype": plan.ctx.dtype,
-        "seeds": {"suite": plan.ctx.seed},
+        "seeds": {"suite": plan.ctx.seed,
+                  **({"recovery": plan.ctx.seed} if "recovery" in job.config else {})},
         "recovery": stages,
         "state_bytes": {"seqlen": STATE_SEQLEN, "bytes": _state_bytes(job.method_obj, model)},
     }
@@ -132,6 +141,73 @@ def _run_one(job: Job, model, tokenizer, plan: RunPlan, spec, env: dict, stages)
                       error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
     record["seconds"] = round(time.time() - t0, 2)
     return record
+
+
+_CORPORA: dict = {}
+
+
+def _stages_of(model) -> list[dict]:
+    rec = getattr(model.config, "linbench", None)
+    return list(rec.get("recovery", [])) if isinstance(rec, dict) else []
+
+
+def _corpus(plan: RunPlan, seqlen: int):
+    from linbench.corpus import Corpus
+    key = (plan.data, seqlen, plan.ctx.seed)
+    if key not in _CORPORA:
+        _CORPORA[key] = Corpus(plan.data, seqlen=seqlen, seed=plan.ctx.seed)
+    return _CORPORA[key]
+
+
+def recovery_config(plan: RunPlan, method) -> dict:
+    """Budget, corpus and seed of a method's recovery: part of every record's hashed config."""
+    from linbench import budget as budgets
+    b = budgets.parse(plan.budget)
+    return {"budget": b.identity(), "data": _corpus(plan, b.seqlen_for(method)).identity(),
+            "seed": plan.ctx.seed}
+
+
+def checkpoint_dir(job: Job, spec, plan: RunPlan):
+    """<checkpoints>/<hash of model, method config, recovery config, dtype, code version>."""
+    from pathlib import Path
+
+    from linbench import recovery as recovery_mod
+    key = provenance.config_hash({"model": spec.file_hash, "method": job.config["method"],
+                                  "recovery": job.config["recovery"], "dtype": plan.ctx.dtype,
+                                  "code": recovery_mod.code_version()})
+    root = Path(plan.checkpoints) if plan.checkpoints else models.cache_root() / "checkpoints"
+    return root / key
+
+
+def _recovered(job: Job, spec, plan: RunPlan, echo):
+    """The linearized, recovered model: from the checkpoint cache, or trained and cached."""
+    import shutil
+
+    from linbench import budget as budgets
+    from linbench import recovery as recovery_mod
+    from linbench.methods import io
+    ckpt = checkpoint_dir(job, spec, plan)
+    final = ckpt / "model"
+    if (final / "config.json").exists():
+        echo(f"[{job.method}] reusing recovered checkpoint {final}")
+        model = recovery_mod.load(final, models.torch_dtype(plan.ctx.dtype), plan.ctx.device)
+        return model, models.load_tokenizer(spec)
+    method = job.method_obj
+    model, tokenizer = models.load(spec, plan.ctx.dtype, plan.ctx.device)
+    model = method.linearize(model)
+    b = budgets.parse(plan.budget)
+    corpus = _corpus(plan, b.seqlen_for(method))
+    corpus.tokenizer = tokenizer
+    echo(f"[{job.method}] recovering on {plan.data} (budget {b.name}) in {ckpt}")
+    with recovery_mod.session(seed=plan.ctx.seed, progress=plan.ctx.progress,
+                              checkpoint_dir=ckpt / "work", echo=echo):
+        model = method.recover(model, corpus, b)
+    tmp = ckpt / "model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    io.save_pretrained(model, tmp)
+    os.replace(tmp, final)
+    shutil.rmtree(ckpt / "work", ignore_errors=True)
+    return model, tokenizer
 
 
 def _state_bytes(method, model) -> int | None:

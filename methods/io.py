@@ -40,6 +40,7 @@ def from_pretrained(path, dtype=torch.float32, device="cpu"):
     if not hasattr(config, "linbench"):
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     method = method_of(config)
+    saved = dict(config.linbench)  # recovery stages and any other provenance it carries
     with torch.device("meta"):
         model = method.linearize(AutoModelForCausalLM.from_config(config, dtype=dtype))
     state = {}
@@ -52,6 +53,7 @@ def from_pretrained(path, dtype=torch.float32, device="cpu"):
     if missing:
         raise ValueError(f"checkpoint {path} lacks {len(missing)} tensors, e.g. {missing[:3]}")
     _rebuild_buffers(model, method)
+    model.config.linbench = {**model.config.linbench, **saved}
     return model.to(device=device, dtype=dtype).eval()
 
 

@@ -49,16 +49,43 @@ def write_task_dir(directory: Path, template_name: str, template: str,
     Each task dict should carry `include: template_name` to inherit the template. The
     template name must not end in .yaml so that lm-eval does not index it as a task.
     """
+    return write_tasks(directory, {template_name: template}, tasks)
+
+
+def write_tasks(directory: Path, templates: dict[str, str],
+                tasks: list[dict[str, Any]]) -> Path:
+    """write_task_dir with several templates: {file name: text}, each task dict
+    naming the one it inherits with `include:`."""
     import yaml
-    assert not template_name.endswith(".yaml"), template_name
+    for name in templates:
+        assert not name.endswith(".yaml"), name
     directory.mkdir(parents=True, exist_ok=True)
     for old in directory.glob("*.yaml"):  # a stale task from an earlier run must not load
         old.unlink()
-    (directory / template_name).write_text(template)
+    for name, text in templates.items():
+        (directory / name).write_text(text)
     for cfg in tasks:
         text = yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True, width=10_000)
         (directory / f"{cfg['task']}.yaml").write_text(text)
     return directory
+
+
+def read_arrow(path: Path):
+    """A datasets `save_to_disk` shard (an Arrow IPC stream) as a pyarrow Table."""
+    import pyarrow as pa
+    with pa.memory_map(str(path)) as source:
+        return pa.ipc.open_stream(source).read_all()
+
+
+def write_arrow(table, path: Path) -> Path:
+    """Write a Table as an Arrow IPC stream (schema and its HF metadata untouched), the
+    format lm-eval's `dataset_path: arrow` loads."""
+    import pyarrow as pa
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with pa.OSFile(str(path), "wb") as sink:
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+    return path
 
 
 @contextlib.contextmanager

@@ -1,0 +1,215 @@
+"""The training loop shared by the recovery stages: AdamW on a named set of parameters,
+real gradient clipping, validation every few steps with early stopping and best-weight
+restore, and a resumable state file.
+
+Determinism: batch i is rows [i*B, (i+1)*B) of the packed training tensor, the RNG is
+seeded per stage and saved with the state, so a run interrupted at any step and resumed
+ends with the same weights as one that never stopped (on the same device).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class StepInfo:
+    """Handed to `on_step` after clipping, before the optimizer step."""
+    stage: str
+    step: int            # optimizer steps done, this one included
+    tokens: int          # training tokens seen, this step included
+    loss: float
+    grad_norm: float     # total gradient norm BEFORE clipping
+    params: list         # the trainable parameters (their .grad is the clipped gradient)
+
+
+@dataclass
+class Objective:
+    name: str
+    params: dict                               # name -> trainable Parameter
+    loss: Callable[[torch.Tensor], torch.Tensor]  # ids (b, T) -> scalar mean loss
+    lr: float
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    val: Callable[[torch.Tensor], torch.Tensor] | None = None  # default: `loss`
+
+
+@dataclass
+class Plan:
+    steps: int
+    batch: int
+    micro: int
+    eval_steps: int
+    patience: int
+    save_every: int
+    seed: int = 0
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32   # the model's (pretrained) parameter dtype
+    state_path: Path | None = None
+    progress: bool = False
+    on_step: Callable[[StepInfo], None] | None = None
+
+
+@dataclass
+class Result:
+    tokens: int = 0
+    steps: int = 0
+    seconds: float = 0.0
+    curve: list = field(default_factory=list)       # [[tokens, train loss], ...]
+    val_curve: list = field(default_factory=list)   # [[tokens, val loss], ...]
+    stopped: str = "budget"
+    best_val: float = math.inf
+    first_val: float = math.nan
+
+    @property
+    def final_loss(self) -> float:
+        """Mean training loss over the last (up to) 10 steps."""
+        tail = [v for _, v in self.curve[-10:]]
+        return sum(tail) / len(tail) if tail else math.nan
+
+
+def autocast(device, dtype=torch.float32) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA; elsewhere autocast only for a half-precision model (its fp32
+    master parameters meet half-precision activations), else full precision."""
+    if str(device).startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if dtype in (torch.bfloat16, torch.float16):
+        return torch.autocast("cpu", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def evaluate(fn, data: torch.Tensor, micro: int, device, dtype=torch.float32) -> float:
+    """Row-weighted mean of fn over `data` in chunks (all rows have the same length)."""
+    total, rows = 0.0, 0
+    with torch.no_grad(), autocast(device, dtype):
+        for i in range(0, data.shape[0], micro):
+            chunk = data[i:i + micro].to(device)
+            total += float(fn(chunk)) * chunk.shape[0]
+            rows += chunk.shape[0]
+    return total / max(rows, 1)
+
+
+def _snapshot(params: dict) -> dict:
+    return {n: p.detach().to("cpu", copy=True) for n, p in params.items()}
+
+
+def _restore(params: dict, saved: dict) -> None:
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(saved[n].to(p.device, p.dtype))
+
+
+def fit(obj: Objective, model, train: torch.Tensor, val: torch.Tensor, plan: Plan) -> Result:
+    """Train obj.params on `train` for plan.steps optimizer steps; keep the best weights."""
+    params = obj.params
+    plist = list(params.values())
+    opt = torch.optim.AdamW(plist, lr=obj.lr, weight_decay=obj.weight_decay)
+    val_fn = obj.val or obj.loss
+    res, best, bad, start = Result(), None, 0, 0
+    state = _load(plan.state_path)
+    if state is not None:
+        _restore(params, state["params"])
+        opt.load_state_dict(state["optim"])
+        torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda_rng"])
+        res, best, bad, start = state["result"], state["best"], state["bad"], state["step"]
+    else:
+        torch.manual_seed(plan.seed)
+
+    def validate(step):
+        nonlocal best, bad
+        model.eval()
+        v = evaluate(val_fn, val, plan.micro, plan.device, plan.dtype)
+        model.train()
+        res.val_curve.append([step * plan.batch * train.shape[1], v])
+        if step == 0:
+            res.first_val = v
+        if v < res.best_val:
+            res.best_val, best, bad = v, _snapshot(params), 0
+        else:
+            bad += 1
+
+    t0 = time.time() - res.seconds
+    model.train()
+    done = state is not None and state.get("finished", False)
+    if not done and start == 0:
+        validate(0)
+    bar = _bar(plan, start, obj.name)
+    step = start
+    while not done and step < plan.steps:
+        rows = train[step * plan.batch:(step + 1) * plan.batch]
+        loss_sum = 0.0
+        for i in range(0, rows.shape[0], plan.micro):  # gradient accumulation
+            chunk = rows[i:i + plan.micro].to(plan.device)
+            with autocast(plan.device, plan.dtype):
+                loss = obj.loss(chunk) * (chunk.shape[0] / rows.shape[0])
+            loss.backward()
+            loss_sum += float(loss.detach())
+        norm = _clip(plist, obj.max_grad_norm)
+        step += 1
+        tokens = step * plan.batch * train.shape[1]
+        if plan.on_step is not None:
+            plan.on_step(StepInfo(obj.name, step, tokens, loss_sum, norm, plist))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        res.curve.append([tokens, loss_sum])
+        res.steps, res.tokens = step, tokens
+        if step % plan.eval_steps == 0 or step == plan.steps:
+            validate(step)
+            if bad >= plan.patience and step < plan.steps:
+                res.stopped, done = "early_stop", True
+        res.seconds = time.time() - t0
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum:.4g}", tok_s=f"{tokens / max(res.seconds, 1e-9):.0f}")
+        if step % plan.save_every == 0 or done or step == plan.steps:
+            _save(plan.state_path, params, opt, res, best, bad, step, done or step == plan.steps)
+    if bar is not None:
+        bar.close()
+    if best is not None:
+        _restore(params, best)
+    model.eval()
+    return res
+
+
+def _clip(params, max_norm) -> float:
+    """Clip the total gradient norm for real; return the norm before clipping."""
+    if max_norm is None or max_norm <= 0:
+        grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+        return float(torch.stack(grads).norm()) if grads else 0.0
+    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+
+def _bar(plan: Plan, start: int, name: str):
+    if not plan.progress:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=plan.steps, initial=start, desc=f"recover:{name}", unit="step", leave=False)
+
+
+def _load(path: Path | None):
+    if path is None or not Path(path).exists():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _save(path, params, opt, res, best, bad, step, finished) -> None:
+    """Atomically write what a resumed run needs to continue at `step`."""
+    if path is None:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"params": _snapshot(params), "optim": opt.state_dict(), "rng": torch.get_rng_state(),
+             "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+             "result": res, "best": best, "bad": bad, "step": step, "finished": finished}
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
