@@ -55,8 +55,9 @@ def code_version() -> str:
     from linbench import kernels, methods
     here = Path(__file__).resolve().parent
     files = [here / f for f in ("recovery.py", "train.py", "corpus.py", "budget.py")]
-    for pkg in (methods, kernels):
-        files += sorted(Path(pkg.__file__).resolve().parent.rglob("*.py"))
+    for pkg in (methods, kernels):  # benchmarks and GPU checks do not change a model
+        files += sorted(f for f in Path(pkg.__file__).resolve().parent.rglob("*.py")
+                        if f.name not in ("bench.py", "check.py"))
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode() + b"\0" + f.read_bytes())

@@ -10,9 +10,10 @@ import os
 import time
 import traceback
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from linbench import models, provenance, registry
+from linbench.overrides import label
 from linbench.results import Store
 from linbench.suites.base import RunContext
 
@@ -31,11 +32,12 @@ class RunPlan:
     budget: str = "cpu"               # recovery budget (linbench.budget.parse)
     data: str = "sharegpt"            # recovery corpus (linbench.corpus.Corpus source)
     checkpoints: str | None = None    # recovered-model cache; default <cache>/checkpoints
+    overrides: dict = field(default_factory=dict)  # {method: {config field: value}} (--set)
 
 
 @dataclass
 class Job:
-    method: str
+    method: str          # the label: the method name, plus [field=value,...] with overrides
     suite: str
     method_obj: object
     suite_obj: object
@@ -48,7 +50,9 @@ def plan_jobs(plan: RunPlan, spec: models.ModelSpec, store: Store) -> list[Job]:
     """Resolve every (method, suite) pair into a job with its config hash and record path."""
     jobs = []
     for method_name in plan.methods:
-        method = registry.methods.get(method_name)()
+        chosen = plan.overrides.get(method_name, {})
+        method = registry.methods.get(method_name)(**chosen)
+        name = label(method_name, chosen)
         recovery = recovery_config(plan, method) if method.needs_recovery() else None
         for suite_name in plan.suites:
             suite = registry.suites.get(suite_name)()
@@ -61,8 +65,8 @@ def plan_jobs(plan: RunPlan, spec: models.ModelSpec, store: Store) -> list[Job]:
             if recovery is not None:  # a different budget or corpus is a different result
                 config["recovery"] = recovery
             key = provenance.config_hash(config)
-            path = store.path(spec.name, method_name, suite_name, key)
-            jobs.append(Job(method_name, suite_name, method, suite, config, key, path))
+            path = store.path(spec.name, name, suite_name, key)
+            jobs.append(Job(name, suite_name, method, suite, config, key, path))
     return jobs
 
 
@@ -81,7 +85,7 @@ def run(plan: RunPlan, echo=print) -> list[dict]:
     jobs = plan_jobs(plan, spec, store)
     env = provenance.environment(plan.ctx.device)
     out = []
-    for method_name in plan.methods:
+    for method_name in dict.fromkeys(j.method for j in jobs):
         todo, mine = [], [j for j in jobs if j.method == method_name]
         for job in mine:
             done = None if plan.force else store.finished(job.path)
