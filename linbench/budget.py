@@ -68,7 +68,9 @@ class Budget:
 # smoke: a handful of steps. cpu: ~10 min per method on an idle 2-core CPU with the
 # embedded SmolLM2-135M in fp32 at 1 x 1024: 120 transfer steps at ~490 tokens/s (~4.2 min)
 # + 72 LoRA steps at ~300 tokens/s (~4.1 min) + 18 evaluations of 4 held-out sequences
-# (~1.5 min). Measured on a shared, loaded CPU (1 thread): 98 and 63 tokens/s.
+# (~1.5 min). Measured on a shared, loaded CPU (1 thread): 98 and 63 tokens/s; with two
+# recoveries side by side at 1 thread each, 13 s per lolcats transfer step and 38 s per
+# liger LoRA step -- there `cpu` takes ~45 min per method, so pass a token budget instead.
 # paper: LoLCATs (arXiv 2410.10254, reference configs): 1024-token packed sequences,
 # batch 1 x 8 gradient accumulation, eval every 100 steps, best weights kept; ~20M tokens
 # per stage (0.04B in total). Liger (arXiv 2503.01496): ~0.02B tokens of LoRA.

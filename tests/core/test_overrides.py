@@ -52,3 +52,14 @@ def test_overrides_change_the_method_the_record_path_and_the_hash(tmp_path):
     assert b.method_obj.config.window == 16 and a.method_obj.config.window == 64
     assert b.method == "swa[window=16]" and "swa_window_16" in str(b.path)
     assert a.key != b.key and b.config["method"]["window"] == 16
+
+
+def test_cli_set_errors_are_one_line_exit_2(tmp_path):
+    import subprocess
+    import sys
+    results = tmp_path / "r"
+    out = subprocess.run([sys.executable, "-m", "linbench.cli", "run", "--methods", "liger",
+                          "--suite", "ppl", "--set", "liger.nope=1", "--results", str(results)],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+    assert "unknown field" in out.stderr and not results.exists()
