@@ -15,50 +15,18 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import platform
-import re
 import sys
-import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-_SUFFIX = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-_SIZE = re.compile(r"^(\d+)([kmg]?)$", re.IGNORECASE)
-_FORMS = "e.g. '2k,8k,1M', '4096' or a power-of-two range '2k..2M'"
-
-
-def _parse_size(token: str) -> int:
-    m = _SIZE.match(token.strip())
-    if not m or int(m[1]) == 0:
-        raise ValueError(f"malformed sequence length {token.strip()!r}: expected a positive "
-                         f"integer with an optional k/M/G suffix (x1024), {_FORMS}")
-    return int(m[1]) * _SUFFIX[m[2].lower()]
-
-
-def parse_seqlens(text: str) -> list[int]:
-    """'2k,8k,1M' -> [2048, 8192, 1048576]; 'a..b' -> the powers of two from a to b.
-
-    Suffixes are binary (k = 1024, M = 1024**2). Raises ValueError naming the bad part.
-    """
-    if not text or not text.strip():
-        raise ValueError(f"empty sequence length list: {_FORMS}")
-    out: list[int] = []
-    for item in text.split(","):
-        if ".." in item:
-            lo_s, _, hi_s = item.partition("..")
-            lo, hi = _parse_size(lo_s), _parse_size(hi_s)
-            if lo & (lo - 1) or hi & (hi - 1):
-                raise ValueError(f"range {item.strip()!r}: both ends must be powers of two")
-            if lo > hi:
-                raise ValueError(f"range {item.strip()!r}: start is larger than end")
-            out += [1 << e for e in range(lo.bit_length() - 1, hi.bit_length())]
-        else:
-            out.append(_parse_size(item))
-    return list(dict.fromkeys(out))  # drop repeats, keep order
+from linbench.speed import parse_seqlens  # noqa: F401 - re-exported (tests, callers)
+from linbench.speed_timing import is_oom as _is_oom
+from linbench.speed_timing import measure
+from linbench.speed_timing import quantile as _quantile
 
 
 @dataclass
@@ -145,47 +113,6 @@ IMPLS = {
     "delta": Impl("delta", 1, build_delta),
     "sdpa": Impl("sdpa", 2, build_sdpa),
 }
-
-
-def _quantile(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    pos = p * (len(xs) - 1)
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
-def _is_oom(err: BaseException) -> bool:
-    if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
-        return True
-    msg = str(err).lower()
-    return "out of memory" in msg or "can't allocate memory" in msg
-
-
-def measure(run, device, cap_s, target_s, min_reps, max_reps):
-    """(times in seconds, status) of a prepared zero-argument call."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    def once():
-        sync()
-        t0 = time.perf_counter()
-        run()
-        sync()
-        return time.perf_counter() - t0
-
-    first = once()  # warm-up and cap check
-    if first > cap_s:
-        return [first], "timeout"
-    if first < 0.05:  # short calls: a little more warm-up (caches, allocator, threads)
-        for _ in range(min(10, int(0.2 / max(first, 1e-6)))):
-            once()
-    reps = max(min_reps, min(max_reps, math.ceil(target_s / max(first, 1e-9))))
-    times, spent = [], 0.0
-    for _ in range(reps):
-        times.append(once())
-        spent += times[-1]
-        if spent > cap_s:  # long calls: stop the loop at the cap, keep what was measured
-            break
-    return times, "ok"
 
 
 def bench(impl: Impl, seqlens, B, H, D, dtype, device, grad, cap_s, target_s, min_reps,

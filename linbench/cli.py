@@ -29,6 +29,16 @@ def cli():
     """linbench: linearize pretrained transformers and compare the methods fairly."""
 
 
+def _budget(ctx, param, value: str) -> str:
+    """Check --budget early (one-line usage error); the runner parses it again."""
+    from linbench.budget import parse
+    try:
+        parse(value)
+    except LinbenchError as e:
+        raise click.BadParameter(str(e)) from None
+    return value
+
+
 @cli.command()
 @click.option("--model", default="smollm2-135m", show_default=True,
               help="Embedded model name, local HF directory, or hub id.")
@@ -50,18 +60,36 @@ def cli():
               type=click.Path(file_okay=False), help="Results directory.")
 @click.option("--force", is_flag=True, help="Recompute even when a finished record exists.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--budget", default="cpu", show_default=True, callback=_budget,
+              help="Recovery tokens: smoke, cpu (~10 min/method on CPU), paper, a count like "
+                   "2M, or transfer=1M,lora=2M[,val=,eval=,batch=,micro=,seqlen=,patience=].")
+@click.option("--data", default="sharegpt", show_default=True,
+              help="Recovery corpus: sharegpt (embedded), a .jsonl/.json/.txt file, a dataset "
+                   "directory, or a hub dataset id[@revision].")
+@click.option("--checkpoints", default=None, type=click.Path(file_okay=False),
+              help="Recovered-model cache. Default: the linbench cache dir (LINBENCH_CACHE).")
+@click.option("--set", "settings", multiple=True, metavar="[METHOD.]FIELD=VALUE",
+              help="Override a method config field, e.g. liger.softmax_every=7 or window=128 "
+                   "(repeatable). Such runs are stored as method[field=value].")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch CPU threads (default: torch's). 1 is much faster when the CPU is shared.")
 def run(model, revision, methods, suites, limit, batch_size, dtype, device, seed, results_dir,
-        force, quiet):
+        force, quiet, budget, data, checkpoints, settings, threads):
     """Linearize MODEL with each method, recover it, and run each suite."""
-    from linbench import report, runner
+    from linbench import overrides, report, runner
     runner.validate(methods, suites)
+    chosen = overrides.resolve(methods, list(settings))
+    if threads:
+        import torch
+        torch.set_num_threads(threads)
     device = device or _default_device()
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     batch_size = batch_size or (8 if device.startswith("cuda") else 1)
     from linbench.suites.base import RunContext
     ctx = RunContext(limit=limit, batch_size=batch_size, seed=seed, device=device, dtype=dtype,
                      progress=not quiet)
-    plan = runner.RunPlan(model, methods, suites, ctx, results_dir, revision, force)
+    plan = runner.RunPlan(model, methods, suites, ctx, results_dir, revision, force,
+                          budget=budget, data=data, checkpoints=checkpoints, overrides=chosen)
     records = runner.run(plan, echo=lambda s: click.echo(s, err=True))
     for table in report.tables(records):
         click.echo(table + "\n")
@@ -96,15 +124,114 @@ def ls(what):
 @cli.command()
 @click.option("--results", "results_dir", default=DEFAULT_RESULTS, show_default=True,
               type=click.Path(file_okay=False))
-def report(results_dir):
-    """Print the result tables of every record in the results directory."""
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
+              help="Where to write the leaderboard. Default: RESULTS/leaderboard.")
+def report(results_dir, out_dir):
+    """Render the leaderboard (leaderboard.md, a self-contained index.html, PNG plots) of
+    every record in the results directory, and print its tables."""
+    import os
+
+    from linbench import leaderboard
     from linbench import report as rep
     from linbench.results import Store
     records = Store(results_dir).records()
     if not records:
         raise LinbenchError(f"no run records under {results_dir}/runs (run `linbench run` first)")
-    for table in rep.tables(records):
+    out_dir = out_dir or os.path.join(results_dir, "leaderboard")
+    board = leaderboard.write(records, out_dir)
+    for table in board.tables:
+        click.echo(rep.to_markdown(table) + "\n")
+    click.echo(f"linbench: wrote {board.markdown}, {board.html} and {len(board.plots)} plots "
+               f"from {len(records)} records", err=True)
+    for section, why in board.skipped.items():
+        click.echo(f"linbench: no {section} plot: {why}", err=True)
+
+
+def _parsed(parse_name: str):
+    """A click callback running linbench.speed.<parse_name> (ValueError -> usage error)."""
+    def callback(ctx, param, value):
+        from linbench import speed
+        try:
+            return getattr(speed, parse_name)(value)
+        except ValueError as e:
+            raise click.BadParameter(str(e)) from None
+    return callback
+
+
+@cli.command()
+@click.option("--seqlen", "seqlens", default="2k..2M", show_default=True,
+              callback=_parsed("parse_seqlens"),
+              help="Powers of two 'A..B' (inclusive) or a list '1k,4k,16k' (k = 1024, M = 1024^2).")
+@click.option("--methods", "methods", default=None, callback=_csv,
+              help="Comma-separated methods. Default: every registered method, plus fla's chunk "
+                   "ops (fla:linear, fla:simple_gla, fla:gla, fla:delta) on CUDA when installed.")
+@click.option("--mode", "modes", default="fwd,fwdbwd", show_default=True,
+              callback=_parsed("parse_modes"),
+              help="fwd, fwdbwd (kernel level: each method's mixer); prefill, decode "
+                   "(model level).")
+@click.option("--batch", type=click.IntRange(min=1), default=None,
+              help="Kernel-level batch. Default: 1 on CPU, 4 on CUDA.")
+@click.option("--heads", type=click.IntRange(min=1), default=None,
+              help="Kernel-level heads. Default: 8 on CPU, 32 on CUDA.")
+@click.option("--dim", type=click.IntRange(min=1), default=None,
+              help="Kernel-level head dim. Default: 64 on CPU, 128 on CUDA (the "
+                   "lightning-attention README preset).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="Default: float32 on CPU, bfloat16 on CUDA.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... Default: cuda if available.")
+@click.option("--backend", type=click.Choice(["auto", "torch", "triton", "fla"]), default="auto",
+              show_default=True, help="Kernel backend each mixer is built with.")
+@click.option("--time-cap", type=click.FloatRange(min=0), default=60.0, show_default=True,
+              help="Seconds per shape: a first call past it is a 'timeout' row, and so are the "
+                   "larger T of that method and mode.")
+@click.option("--mem-limit", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="GiB a shape may use. Default: the memory the OS reports available (CPU) or "
+                   "free GPU memory; a shape estimated above it is an 'oom' row.")
+@click.option("--target-seconds", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Length of each timed loop.")
+@click.option("--model", default="smollm2-135m", show_default=True,
+              help="Base model of the model-level modes (prefill, decode).")
+@click.option("--results", "results_dir", default=DEFAULT_RESULTS, show_default=True,
+              type=click.Path(file_okay=False), help="Results directory.")
+@click.option("--force", is_flag=True, help="Remeasure even when a finished record exists.")
+@click.option("--quiet", is_flag=True, help="No progress lines.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch CPU threads (default: torch's; 1 is steadier on a shared machine). "
+                   "Part of the recorded device, so rows with other thread counts never mix.")
+def speed(seqlens, methods, modes, batch, heads, dim, dtype, device, backend, time_cap,
+          mem_limit, target_seconds, model, results_dir, force, quiet, threads):
+    """Time every method over sequence length; one record per (method, mode, shape)."""
+    from linbench import registry
+    if threads:
+        import torch
+        torch.set_num_threads(threads)
+    from linbench.speed import SpeedConfig, fmt_len, sweep, tables
+    from linbench.speed_targets import FLA_PEERS, check_device, fla_available
+    device = device or _default_device()
+    check_device(device)
+    cuda = device.startswith("cuda")
+    if not methods:
+        methods = registry.methods.names() + (list(FLA_PEERS) if fla_available(device) else [])
+    for name in methods:
+        if name not in FLA_PEERS:
+            registry.methods.check(name)
+        elif not fla_available(device):
+            raise LinbenchError(f"method {name!r} needs fla (flash-linear-attention) and a CUDA "
+                                f"device: its Triton kernels do not run on {device}")
+    cfg = SpeedConfig(seqlens, methods, modes, batch or (4 if cuda else 1),
+                      heads or (32 if cuda else 8), dim or (128 if cuda else 64),
+                      dtype or ("bfloat16" if cuda else "float32"), device, backend, time_cap,
+                      model, results_dir, force, mem_limit and int(mem_limit * 2**30),
+                      target_seconds)
+    records = sweep(cfg, echo=(lambda s: None) if quiet else (lambda s: click.echo(s, err=True)))
+    for table in tables(records):
         click.echo(table + "\n")
+    failed = [r for r in records if r["status"] == "error"]
+    for r in failed:
+        d = r["details"]
+        click.echo(f"linbench: {r['method']} {d['mode']} T={fmt_len(d['seqlen'])} error: "
+                   f"{d.get('note', '')}", err=True)
+    sys.exit(1 if failed else 0)
 
 
 @cli.command()
