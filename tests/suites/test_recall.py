@@ -1,5 +1,5 @@
 """recall: golden prompts, needle positions, determinism, the window logic, scoring, record
-shapes on a tiny random Llama, and (integration) SmolLM2 with and without a window."""
+shapes on a tiny random Llama, and (integration) SmolLM2 and its `swa` baseline."""
 from __future__ import annotations
 
 import re
@@ -223,23 +223,6 @@ def test_config_knobs():
 
 # ---------------------------------------------------------------- integration (SmolLM2)
 
-def _sliding_window_sdpa(window: int):
-    """An attention function that masks to the last `window` keys itself (exact SWA)."""
-    import torch.nn.functional as F
-
-    def attn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
-        # query (B, H, Tq, D); key/value (B, Hkv, Tk, D); queries are the last Tq keys
-        rep = query.shape[1] // key.shape[1]
-        key, value = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1)
-        tq, tk = query.shape[2], key.shape[2]
-        i = torch.arange(tk - tq, tk).view(-1, 1)
-        j = torch.arange(tk).view(1, -1)
-        mask = (j <= i) & (i - j < window)
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
-        return out.transpose(1, 2).contiguous(), None
-    return attn
-
-
 @pytest.fixture(scope="module")
 def smollm():
     from linbench import models
@@ -257,27 +240,22 @@ def test_softmax_passkey_beats_chance(smollm):
 
 
 @pytest.mark.integration
-def test_sliding_window_fails_outside_window(smollm):
-    """The cells the full model solves fail once attention is cut to a 256-token window
-    that excludes the key (an exact SWA mask of our own; the lead's `swa` method is not
-    needed). In-window accuracy is not asserted: SmolLM2 with an untrained window is
-    erratic even when the key is inside it (measured: ok at 256, fails at 64/128/384)."""
-    from transformers import AttentionInterface
+@pytest.mark.parametrize("window", [64, 256])
+def test_swa_baseline_fails_outside_its_window(smollm, window):
+    """The real `swa` method (window 64, the paper default, and 256): cells the full model
+    solves fail once the key lies outside the window. In-window accuracy is not asserted:
+    SmolLM2 with an untrained window is erratic even when the key is inside it."""
+    from linbench import models, registry
     model, tok = smollm
     suite = Recall(lengths=(512,), depths=(0.0, 0.25), tasks=("passkey",))
     ctx = RunContext(limit=2, progress=False)
     (full,) = suite.run(model, tok, ctx)
-    AttentionInterface.register("linbench_test_swa", _sliding_window_sdpa(256))
-    old = model.config._attn_implementation
-    model.set_attn_implementation("linbench_test_swa")
-    model.config.linbench = {"method": "test-swa", "window": 256}
-    try:
-        (swa,) = suite.run(model, tok, ctx)
-    finally:
-        model.set_attn_implementation(old)
-        del model.config.linbench
+    swa_model, _ = models.load(models.resolve("smollm2-135m"), "float32", "cpu")
+    swa_model = registry.methods.get("swa")(window=window).linearize(swa_model)
+    (swa,) = suite.run(swa_model, tok, ctx)
     assert all(c["in_window"] for c in full.details["passkey"])
     assert not any(c["in_window"] for c in swa.details["passkey"])
+    assert swa.details["window"] == window
     assert full.metrics["passkey"].value >= 0.75
     assert swa.metrics["passkey_out_window"].value <= 0.25
     assert swa.metrics["passkey_out_window"].n == 4
