@@ -99,11 +99,11 @@ def method_kernel_target(name, B, H, D, dtype, device, backend) -> Target | None
 
     def state_bytes(T):
         fn = getattr(mixer, "state_bytes", None)
-        return int(fn(B, T)) if callable(fn) else None
+        return int(fn(B, T, elem)) if callable(fn) else None
 
     flops = getattr(mixer, "flops", None)
     return Target(name, "kernel", {"name": name, **method.config_dict()}, prepare,
-                  state_bytes, "softmax" if name == "softmax" else "linear",
+                  state_bytes, getattr(mixer, "flops_kind", "linear"),
                   flops if callable(flops) else None,
                   lambda mode, T: (4 if mode == "fwd" else 8) * B * T * H * D * elem)
 

@@ -53,7 +53,7 @@ def from_pretrained(path, dtype=torch.float32, device="cpu"):
     if missing:
         raise ValueError(f"checkpoint {path} lacks {len(missing)} tensors, e.g. {missing[:3]}")
     _rebuild_buffers(model, method)
-    model.config.linbench = {**model.config.linbench, **saved}
+    model.config.linbench = {**saved, **model.config.linbench}  # rebuilt keys win
     return model.to(device=device, dtype=dtype).eval()
 
 

@@ -65,10 +65,16 @@ class MixerModule(nn.Module):
         super().__init__()
         self.mixer, self.heads, self.head_dim = mixer, heads, head_dim
 
+    flops_kind = "linear"  # EVAL.md's FLOP formula the speed sweep applies
+
     def forward(self, q, k, v):
         B, T, H, D = q.shape
         h = Heads(q, k, v, q, k, q.reshape(B, T, H * D))
         return self.mixer(h, None, False)[0]
+
+    def state_bytes(self, batch: int, seqlen: int, elem: int = 4) -> int:
+        """Decode state of this one layer for `batch` sequences after `seqlen` tokens."""
+        return batch * self.mixer.state_bytes(self.heads, self.head_dim, seqlen, elem)
 
 
 def is_linearized(model) -> bool:

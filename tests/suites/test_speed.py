@@ -35,7 +35,7 @@ class CumsumMixer(nn.Module):
         kv = torch.einsum("bthk,bthv->bthkv", k, v).cumsum(1)  # (B, T, H, K, V)
         return self.scale * torch.einsum("bthk,bthkv->bthv", q, kv)
 
-    def state_bytes(self, batch, seqlen):
+    def state_bytes(self, batch, seqlen, elem=4):
         return batch * 8 * 16 * 16 * 4
 
 
