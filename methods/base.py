@@ -8,7 +8,7 @@ stages its config names (attention transfer, then LoRA; linbench.recovery).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 from linbench.errors import LinbenchError

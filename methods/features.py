@@ -82,3 +82,9 @@ def make_feature_map(kind: str, heads: int, head_dim: int, feature_dim: int | No
     if issubclass(cls, HedgehogFeatureMap):
         return cls(heads, head_dim, feature_dim)
     return cls()
+
+
+def make_feature_maps(kind: str, heads: int, head_dim: int, feature_dim: int | None = None):
+    """Separate maps for queries and keys (Hedgehog and LoLCATs learn one of each)."""
+    return (make_feature_map(kind, heads, head_dim, feature_dim),
+            make_feature_map(kind, heads, head_dim, feature_dim))

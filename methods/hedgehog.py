@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from linbench.methods.base import LinearConfig, LinearMethod
-from linbench.methods.features import make_feature_map
+from linbench.methods.features import make_feature_maps
 from linbench.methods.mixers import LinearMix
 
 
@@ -28,6 +28,5 @@ class Hedgehog(LinearMethod):
 
     def build_mixer(self, heads, head_dim, hidden, layer, layers):
         c = self.config
-        fq = make_feature_map(c.feature_map, heads, head_dim, c.feature_dim)
-        fk = make_feature_map(c.feature_map, heads, head_dim, c.feature_dim)
+        fq, fk = make_feature_maps(c.feature_map, heads, head_dim, c.feature_dim)
         return LinearMix(fq, fk, normalize=True, scale=1.0, backend=c.backend)
