@@ -350,3 +350,28 @@ def test_mixer_module_for_speed_sweeps(name):
     q, k, v = (torch.randn(1, 80, 4, 16) for _ in range(3))
     o = mixer(q, k, v)
     assert o.shape == (1, 80, 4, 16) and torch.isfinite(o).all()
+
+
+@pytest.mark.parametrize("name", LINEAR)
+def test_mixer_module_state_bytes_match_one_layer_of_the_model(name):
+    method, model = linearized(name)
+    for T in (32, 5000):
+        per_layer = method.mixer(heads=4, head_dim=16).state_bytes(1, T)
+        assert 2 * per_layer == method.state_bytes(model, T)  # tiny model: 2 layers, fp32
+
+
+def test_softmax_mixer_state_bytes_is_one_layer_of_kv():
+    method, model = linearized("softmax")
+    per_layer = method.mixer(heads=4, head_dim=16).state_bytes(1, 1000)
+    # the model's cache holds 2 kv heads (GQA), the mixer's bare q, k, v hold 4
+    assert 2 * per_layer == 2 * method.state_bytes(model, 1000)
+
+
+def test_hedgehog_distillation_weights_are_the_normalized_linear_attention():
+    _, model = linearized("hedgehog")
+    perturb(model)
+    attn, h = _layer_heads(model, T=40)
+    fq, fk = _hedgehog_phi(h.q, attn.mixer.fq.weight), _hedgehog_phi(h.k, attn.mixer.fk.weight)
+    a = torch.einsum("bihf,bjhf->bhij", fq, fk) * _causal(40)
+    with torch.no_grad():
+        torch.testing.assert_close(attn.mixer.weights(h, 10, 30), (a / a.sum(-1, keepdim=True))[:, :, 10:30])
