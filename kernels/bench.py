@@ -23,10 +23,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from linbench.speed import parse_seqlens  # noqa: F401 - re-exported (tests, callers)
-from linbench.speed_timing import is_oom as _is_oom
-from linbench.speed_timing import measure
-from linbench.speed_timing import quantile as _quantile
+from linbench.speed.sweep import parse_seqlens  # noqa: F401 - re-exported (tests, callers)
+from linbench.speed.timing import is_oom as _is_oom
+from linbench.speed.timing import measure
+from linbench.speed.timing import quantile as _quantile
 
 
 @dataclass

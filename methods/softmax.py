@@ -26,6 +26,7 @@ class SDPAMixer(nn.Module):
 
 class Softmax(Method):
     name = "softmax"
+    role = "parent"
 
     def linearize(self, model):
         return model

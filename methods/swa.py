@@ -18,6 +18,7 @@ class SWAConfig(LinearConfig):
 
 class SWA(LinearMethod):
     name = "swa"
+    role = "baseline"
     config_cls = SWAConfig
 
     def build_mixer(self, heads, head_dim, hidden, layer, layers):

@@ -45,5 +45,10 @@ class Suite:
         """The resolved, hashable configuration of this suite under ctx."""
         return {"limit": ctx.limit, "seed": ctx.seed}
 
+    def meta(self) -> dict:
+        """What the report needs to know about this suite's metrics (order, direction,
+        chance level, derived metrics); copied into every record the suite produces."""
+        return {}
+
     def run(self, model, tokenizer, ctx: RunContext) -> list[Record]:
         raise NotImplementedError

@@ -59,7 +59,7 @@ TASKS: dict[str, TaskSpec] = {
 
 
 def split_file(task: str) -> Path:
-    from linbench.data import data_file
+    from linbench.assets.data import data_file
     return data_file(DIST, f"hf_datasets/{TASKS[task].data}/{SPLIT}/data-00000-of-00001.arrow")
 
 

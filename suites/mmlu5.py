@@ -57,7 +57,7 @@ def description(subject: str) -> str:
 
 
 def split_file(subject: str, split: str) -> Path:
-    from linbench.data import data_file
+    from linbench.assets.data import data_file
     return data_file(DIST, f"{MMLU_REL}/{subject}/{split}/data-00000-of-00001.arrow")
 
 

@@ -46,7 +46,7 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(A-Z0-9])")
 
 
 def _read(dist: str, rel: str) -> bytes:
-    from linbench.data import data_file
+    from linbench.assets.data import data_file
     return data_file(dist, rel).read_bytes()
 
 

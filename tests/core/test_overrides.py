@@ -40,8 +40,9 @@ def test_label_names_the_overrides():
 
 
 def test_overrides_change_the_method_the_record_path_and_the_hash(tmp_path):
-    from linbench import models, runner
-    from linbench.results import Store
+    from linbench.assets import models
+    from linbench import run as runner
+    from linbench.records.store import Store
     from linbench.suites.base import RunContext
     spec = models.ModelSpec(name="m", source="local", path=str(tmp_path), file_hash="0" * 64)
     ctx = RunContext(limit=1)

@@ -242,7 +242,7 @@ def test_progress_bar_only_when_asked(smol_tokenizer, capfd):
 @pytest.mark.integration
 def test_embedded_smollm2_is_clearly_above_chance_on_arc_easy():
     """SmolLM2-135M on 100 ARC-Easy validation questions (4 choices, chance 25%)."""
-    from linbench import models
+    from linbench.assets import models
     model, tok = models.load(models.resolve("smollm2-135m"), "float32", "cpu")
     ctx = RunContext(limit=100, batch_size=16, progress=False)
     [record] = Commonsense(["arc_easy"]).run(model, tok, ctx)

@@ -160,7 +160,7 @@ def test_config_knobs():
 
 @pytest.mark.integration
 def test_smollm_ppl_sane():
-    from linbench import models
+    from linbench.assets import models
     model, tok = models.load(models.resolve("smollm2-135m"), "float32", "cpu")
     (rec,) = Perplexity(context=512).run(model, tok, RunContext(limit=20, progress=False))
     m = rec.metrics
@@ -171,7 +171,7 @@ def test_smollm_ppl_sane():
 
 @pytest.mark.integration
 def test_smollm_lambada_greedy_matches_lm_eval():
-    from linbench import models
+    from linbench.assets import models
     model, tok = models.load(models.resolve("smollm2-135m"), "float32", "cpu")
     theirs, ours = lmeval_vs_ours(model, tok, text.lambada_selection(1234, 16))
     assert [g for _, g in theirs] == [g for _, g in ours]

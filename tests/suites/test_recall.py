@@ -225,7 +225,7 @@ def test_config_knobs():
 
 @pytest.fixture(scope="module")
 def smollm():
-    from linbench import models
+    from linbench.assets import models
     spec = models.resolve("smollm2-135m")
     return models.load(spec, "float32", "cpu")
 
@@ -245,7 +245,8 @@ def test_swa_baseline_fails_outside_its_window(smollm, window):
     """The real `swa` method (window 64, the paper default, and 256): cells the full model
     solves fail once the key lies outside the window. In-window accuracy is not asserted:
     SmolLM2 with an untrained window is erratic even when the key is inside it."""
-    from linbench import models, registry
+    from linbench import registry
+    from linbench.assets import models
     model, tok = smollm
     suite = Recall(lengths=(512,), depths=(0.0, 0.25), tasks=("passkey",))
     ctx = RunContext(limit=2, progress=False)

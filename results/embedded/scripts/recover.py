@@ -6,8 +6,9 @@
 
 Each prints the recovery stages (tokens, seconds, held-out ppl before/after)."""
 import sys, time
-from linbench import models, runner
-from linbench.results import Store
+from linbench.assets import models
+from linbench import run as runner
+from linbench.records.store import Store
 from linbench.suites.base import RunContext
 
 methods = sys.argv[1].split(",")

@@ -7,8 +7,8 @@ import math
 
 import torch
 
-from linbench import models
-from linbench.corpus import Corpus
+from linbench.assets import models
+from linbench.recovery.corpus import Corpus
 
 spec = models.resolve("smollm2-135m")
 model, tok = models.load(spec, "float32", "cpu")

@@ -8,8 +8,9 @@ import sys
 
 import torch
 
-from linbench import models, registry
-from linbench.corpus import Corpus
+from linbench import registry
+from linbench.assets import models
+from linbench.recovery.corpus import Corpus
 from linbench.methods.attention import linearized_layers, softmax_attention
 
 name = sys.argv[1] if len(sys.argv) > 1 else "deltanet"

@@ -1,0 +1,248 @@
+"""Recovery: the stages that give a linearized model back its quality (METHODS.md).
+
+    stage 1, attention transfer: every layer's frozen softmax attention (same q, k, v, same
+        forward) is the teacher; only the method's new parameters train, on
+        transfer_weight x mean over layers of each layer's loss ("mse" of the outputs before
+        o_proj, LoLCATs arXiv 2410.10254; or "ce" of the attention weights, Hedgehog
+        arXiv 2402.04347). Layers pass the teacher output on, so the forward stops at the
+        decoder body (no lm_head).
+    stage 2, LoRA (peft): next-token cross-entropy, adapters on config.lora_targets, every
+        other parameter frozen (feature maps included, as LoLCATs says), then merged, so
+        the result is a plain linearized model that methods.io.save_pretrained writes.
+
+Each stage: AdamW, gradient clipping at max_grad_norm (applied), validation every
+eval interval on the held-out split, early stopping after `patience` evaluations without
+improvement, best weights kept; seeded; bf16 autocast on CUDA, fp32 on CPU.
+With a checkpoint_dir the training state is saved every few steps and each finished stage
+as a whole model, so an interrupted run continues where it stopped.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+
+from linbench.recovery import budget as budgets
+from linbench.recovery.train import Objective, Plan, evaluate, fit
+
+STAGES = ("transfer", "lora")
+
+
+def code_version() -> str:
+    """linbench's version + a hash of the code a recovered model depends on (methods,
+    kernels, and this package): any change there is a new checkpoint key."""
+    import hashlib
+
+    import linbench
+    from linbench import kernels, methods
+    files = sorted(Path(__file__).resolve().parent.glob("*.py"))
+    for pkg in (methods, kernels):  # benchmarks and GPU checks do not change a model
+        files += sorted(f for f in Path(pkg.__file__).resolve().parent.rglob("*.py")
+                        if f.name not in ("bench.py", "check.py"))
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return f"{linbench.__version__}+{h.hexdigest()[:12]}"
+
+
+def stages_of(model) -> list[dict]:
+    """The recovery stages recorded in a (recovered) model's config."""
+    rec = getattr(model.config, "linbench", None)
+    return list(rec.get("recovery", [])) if isinstance(rec, dict) else []
+
+
+def recover(method, model, data, budget, *, seed: int = 0, progress: bool = False,
+            checkpoint_dir=None, on_step=None, echo=None):
+    """Run the stages `method.config` names on `data` (a linbench.recovery.corpus.Corpus with a
+    tokenizer) within `budget` (a Budget or its string form); return the model. The stage
+    dicts are stored in model.config.linbench["recovery"]."""
+    echo = echo or (lambda s: None)
+    budget = budgets.parse(budget)
+    cfg = method.config
+    seqlen = budget.seqlen_for(method)
+    corpus = data if data.seqlen == seqlen else data.with_seqlen(seqlen)
+    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    cache: dict = {}
+
+    def tensors():
+        if not cache:
+            rows = max(budget.steps(s, seqlen) for s in STAGES) * budget.batch_size
+            cache["val"] = corpus.packed("val", max(1, budget.val_tokens // seqlen))
+            cache["train"] = corpus.packed("train", max(rows, 1))
+            corpus.release()
+        return cache["train"], cache["val"]
+
+    if ckpt is not None:
+        _claim(ckpt, {"method": method.config_dict(), "budget": budget.identity(),
+                      "data": corpus.identity(), "seed": seed})
+    todo = [s for s in STAGES if _wanted(s, method, model, budget)]
+    stages: list[dict] = []
+    for i, name in enumerate(todo):
+        done_dir = ckpt / name if ckpt is not None else None
+        if done_dir is not None and (done_dir / "config.json").exists():
+            model = _reload(done_dir, model)
+            stages = stages_of(model)
+            echo(f"recovery: stage {name} already finished in {done_dir}")
+            continue
+        plan = Plan(steps=budget.steps(name, seqlen), batch=budget.batch_size,
+                    micro=budget.micro(), eval_steps=budget.eval_steps(name, seqlen),
+                    patience=budget.patience, save_every=budget.save_every, seed=seed + i,
+                    device=str(next(model.parameters()).device),
+                    dtype=next(model.parameters()).dtype, progress=progress,
+                    on_step=on_step, state_path=ckpt / f"{name}.state.pt" if ckpt else None)
+        echo(f"recovery: stage {name}, {plan.steps} steps of {budget.batch_size} x {seqlen} tokens")
+        run = _transfer if name == "transfer" else _lora
+        model, stage = run(cfg, model, *tensors(), plan)
+        stages.append(stage)
+        model.config.linbench = {**model.config.linbench, "recovery": list(stages)}
+        if done_dir is not None:
+            _save_stage(model, done_dir)
+            (ckpt / f"{name}.state.pt").unlink(missing_ok=True)
+    model.config.linbench = {**model.config.linbench, "recovery": stages}
+    return model.eval()
+
+
+def _claim(ckpt: Path, meta: dict) -> None:
+    """Record what a checkpoint dir recovers; refuse to resume a different recovery there."""
+    import json
+    meta = json.loads(json.dumps(meta, default=str))
+    path = ckpt / "recovery.json"
+    if path.exists():
+        if json.loads(path.read_text()) != meta:
+            raise ValueError(f"{ckpt} holds the state of a different recovery (method config, "
+                             f"budget, data or seed differ); use another checkpoint dir")
+        return
+    ckpt.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(meta, indent=1, sort_keys=True))
+
+
+def _wanted(name: str, method, model, budget) -> bool:
+    cfg = method.config
+    if budget.stage_tokens(name) <= 0:
+        return False
+    if name == "transfer":
+        from linbench.methods.linearize import new_parameters
+        return getattr(cfg, "transfer", None) is not None and bool(new_parameters(model))
+    return getattr(cfg, "lora_r", 0) > 0
+
+
+def _ce(model):
+    def loss(ids):
+        return model(input_ids=ids, labels=ids, use_cache=False).loss
+    return loss
+
+
+def _ppl(model, val, plan: Plan) -> float | None:
+    """exp(mean next-token cross-entropy) on the held-out sequences."""
+    model.eval()
+    ce = evaluate(_ce(model), val, plan.micro, plan.device, plan.dtype)
+    return _finite(math.exp(min(ce, 700.0)))
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+def _stage(name: str, res, ppl_before, ppl_after) -> dict:
+    return {"stage": name, "tokens": res.tokens, "steps": res.steps, "seconds": round(res.seconds, 2),
+            "final_loss": _finite(res.final_loss), "curve": res.curve, "val_curve": res.val_curve,
+            "ppl_before": ppl_before, "ppl_after": ppl_after, "stopped": res.stopped}
+
+
+@contextlib.contextmanager
+def _trainable(model, params: dict):
+    """Only `params` require grad, in fp32 (master weights for a bf16 model); restored after."""
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    dtypes = {n: p.dtype for n, p in params.items()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params.values():
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for n, p in params.items():
+            p.data = p.data.to(dtypes[n])
+        for p in model.parameters():
+            p.requires_grad_(flags.get(id(p), True))
+
+
+@contextlib.contextmanager
+def _transfer_mode(layers, mode: str):
+    for layer in layers:
+        layer.transfer = mode
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.transfer, layer.transfer_loss = None, None
+
+
+def _transfer(cfg, model, train, val, plan: Plan):
+    """Stage 1: attention transfer on the new parameters only."""
+    from linbench.methods.attention import linearized_layers
+    layers = linearized_layers(model)
+    new = {id(p) for layer in layers for p in layer.new_parameters()}
+    params = {n: p for n, p in model.named_parameters() if id(p) in new}
+    body = model.get_decoder() if hasattr(model, "get_decoder") else model
+
+    def loss(ids):
+        body(input_ids=ids, use_cache=False)
+        return cfg.transfer_weight * torch.stack([l.transfer_loss.float() for l in layers]).mean()
+
+    ppl_before = _ppl(model, val, plan)
+    obj = Objective("transfer", params, loss, cfg.transfer_lr, cfg.weight_decay, cfg.max_grad_norm)
+    with _trainable(model, params), _transfer_mode(layers, cfg.transfer):
+        res = fit(obj, model, train, val, plan)
+    return model, _stage("transfer", res, ppl_before, _ppl(model, val, plan))
+
+
+def _lora(cfg, model, train, val, plan: Plan):
+    """Stage 2: LoRA through peft on next-token cross-entropy, then merged."""
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(plan.seed)
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.lora_targets), bias="none")
+    with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5
+        warnings.simplefilter("ignore", FutureWarning)
+        peft_model = get_peft_model(model, lcfg)
+    params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+    if not params:
+        raise ValueError(f"LoRA found none of {cfg.lora_targets} in {type(model).__name__}")
+    obj = Objective("lora", params, _ce(peft_model), cfg.lora_lr, cfg.weight_decay, cfg.max_grad_norm)
+    res = fit(obj, peft_model, train, val, plan)
+    merged = peft_model.merge_and_unload()
+    for p in merged.parameters():
+        p.requires_grad_(flags.get(id(p), True))
+    ppl = lambda v: _finite(math.exp(min(v, 700.0)))  # noqa: E731
+    return merged, _stage("lora", res, ppl(res.first_val), ppl(res.best_val))
+
+
+def _save_stage(model, done_dir: Path) -> None:
+    """Write the whole model (io.save_pretrained) through a temporary sibling + rename."""
+    from linbench.methods import io
+    tmp = done_dir.with_name(done_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    io.save_pretrained(model, tmp)
+    shutil.rmtree(done_dir, ignore_errors=True)
+    os.replace(tmp, done_dir)
+
+
+def load(path, dtype=torch.float32, device="cpu"):
+    """A recovered model (methods.io.from_pretrained keeps its recorded stages)."""
+    from linbench.methods import io
+    return io.from_pretrained(path, dtype=dtype, device=device)
+
+
+def _reload(done_dir: Path, like):
+    p = next(like.parameters())
+    return load(done_dir, dtype=p.dtype, device=p.device)

@@ -1,0 +1,167 @@
+"""`linbench run`: for each method, linearize -> recover -> run each suite -> store records.
+
+Knows no method or suite by name: everything arrives through the registries. Finished
+records are reused, so an interrupted run resumes where it stopped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+
+from linbench import registry
+from linbench.assets import models
+from linbench.records import provenance, schema
+from linbench.overrides import label
+from linbench.records.store import Store
+from linbench.suites.base import RunContext
+
+STATE_SEQLEN = 2048  # the context length at which records report state size
+
+
+@dataclass
+class RunPlan:
+    model: str
+    methods: list[str]
+    suites: list[str]
+    ctx: RunContext
+    results_dir: str
+    revision: str | None = None
+    force: bool = False
+    budget: str = "cpu"               # recovery budget (linbench.recovery.budget.parse)
+    data: str = "sharegpt"            # recovery corpus (linbench.recovery.corpus.Corpus source)
+    checkpoints: str | None = None    # recovered-model cache; default <cache>/checkpoints
+    overrides: dict = field(default_factory=dict)  # {method: {config field: value}} (--set)
+
+
+@dataclass
+class Job:
+    method: str          # the label: the method name, plus [field=value,...] with overrides
+    suite: str
+    method_obj: object
+    suite_obj: object
+    config: dict
+    key: str
+    path: object
+
+
+def plan_jobs(plan: RunPlan, spec: models.ModelSpec, store: Store) -> list[Job]:
+    """Resolve every (method, suite) pair into a job with its config hash and record path."""
+    from linbench.recovery import cache
+    jobs = []
+    for method_name in plan.methods:
+        chosen = plan.overrides.get(method_name, {})
+        method = registry.methods.get(method_name)(**chosen)
+        name = label(method_name, chosen)
+        recovery = (cache.recovery_config(method, plan.budget, plan.data, plan.ctx.seed)
+                    if method.needs_recovery() else None)
+        for suite_name in plan.suites:
+            suite = registry.suites.get(suite_name)()
+            config = {
+                "model": {"name": spec.name, "file_hash": spec.file_hash},
+                "method": {"name": method_name, **method.config_dict()},
+                "suite": {"name": suite_name, "version": suite.version, **suite.config(plan.ctx)},
+                "dtype": plan.ctx.dtype,
+            }
+            if recovery is not None:  # a different budget or corpus is a different result
+                config["recovery"] = recovery
+            key = provenance.config_hash(config)
+            path = store.path(spec.name, name, suite_name, key)
+            jobs.append(Job(name, suite_name, method, suite, config, key, path))
+    return jobs
+
+
+def validate(methods: list[str], suites: list[str]) -> None:
+    """Fail fast (before loading anything) on unknown methods or suites."""
+    for name in methods:
+        registry.methods.check(name)
+    for name in suites:
+        registry.suites.check(name)
+
+
+def run(plan: RunPlan, echo=print) -> list[dict]:
+    validate(plan.methods, plan.suites)
+    spec = models.resolve(plan.model, plan.revision)
+    store = Store(plan.results_dir)
+    jobs = plan_jobs(plan, spec, store)
+    env = provenance.environment(plan.ctx.device)
+    out = []
+    for method_name in dict.fromkeys(j.method for j in jobs):
+        todo, mine = [], [j for j in jobs if j.method == method_name]
+        for job in mine:
+            done = None if plan.force else store.finished(job.path)
+            if done:
+                echo(f"[{method_name}/{job.suite}] reusing finished record {job.path}")
+                out.append(done)
+            else:
+                todo.append(job)
+        if not todo:
+            continue
+        method = todo[0].method_obj
+        if method.needs_recovery():
+            model, tokenizer = _recovered(todo[0], spec, plan, echo)
+        else:
+            model, tokenizer = models.load(spec, plan.ctx.dtype, plan.ctx.device)
+            model = method.linearize(model)
+        stages = _stages_of(model)
+        for job in todo:
+            echo(f"[{method_name}/{job.suite}] running on {spec.name} ({plan.ctx.device}, {plan.ctx.dtype})")
+            record = _run_one(job, model, tokenizer, plan, spec, env, stages)
+            store.write(job.path, record)
+            echo(f"[{method_name}/{job.suite}] {record['status']}: wrote {job.path}")
+            out.append(record)
+    return out
+
+
+def _run_one(job: Job, model, tokenizer, plan: RunPlan, spec, env: dict, stages) -> dict:
+    t0 = time.time()
+    seeds = {"suite": plan.ctx.seed, **({"recovery": plan.ctx.seed} if "recovery" in job.config else {})}
+    try:
+        records = job.suite_obj.run(model, tokenizer, plan.ctx)
+        metrics, details = {}, {}
+        for r in records:
+            metrics.update({k: dataclasses.asdict(m) for k, m in r.metrics.items()})
+            details.update(r.details)
+        status = "ok" if all(r.status == "ok" for r in records) else records[0].status
+        extra = {}
+    except Exception as e:  # recorded, never a missing row; the CLI exits non-zero
+        status, metrics, details = "error", {}, {}
+        extra = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+    return schema.build(
+        env=env, model=dataclasses.asdict(spec), method=job.method, suite=job.suite,
+        suite_version=job.suite_obj.version, config=job.config, config_hash=job.key,
+        dtype=plan.ctx.dtype, seeds=seeds, context=dataclasses.asdict(plan.ctx),
+        recovery=stages,
+        state_bytes={"seqlen": STATE_SEQLEN, "bytes": _state_bytes(job.method_obj, model)},
+        status=status, metrics=metrics, details=details, seconds=round(time.time() - t0, 2),
+        method_role=getattr(job.method_obj, "role", "linearized"),
+        suite_meta=job.suite_obj.meta() if hasattr(job.suite_obj, "meta") else {}, **extra)
+
+
+def _stages_of(model) -> list[dict]:
+    rec = getattr(model.config, "linbench", None)
+    return list(rec.get("recovery", [])) if isinstance(rec, dict) else []
+
+
+def checkpoint_dir(job: Job, spec, plan: RunPlan):
+    from linbench.recovery import cache
+    return cache.checkpoint_dir(plan.checkpoints, spec.file_hash, job.config["method"],
+                                job.config["recovery"], plan.ctx.dtype)
+
+
+def _recovered(job: Job, spec, plan: RunPlan, echo):
+    from linbench.recovery import cache
+    return cache.recovered(job.method_obj, job.method, spec, checkpoint_dir(job, spec, plan),
+                           budget=plan.budget, data=plan.data, seed=plan.ctx.seed,
+                           dtype=plan.ctx.dtype, device=plan.ctx.device,
+                           progress=plan.ctx.progress, echo=echo)
+
+
+def _state_bytes(method, model) -> int | None:
+    """Recurrent state (or KV cache) per sequence at STATE_SEQLEN tokens; None if unknown."""
+    try:
+        return int(method.state_bytes(model, STATE_SEQLEN))
+    except NotImplementedError:
+        return None

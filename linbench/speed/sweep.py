@@ -1,0 +1,247 @@
+"""`linbench speed`: speed and memory of every method over sequence length (EVAL.md "speed").
+
+    linbench speed --seqlen 2k..2M [--methods a,b] [--mode fwd,fwdbwd,prefill,decode]
+
+One record per (method, level, mode, shape) in the results store, under
+runs/<model or "kernel">/<method>/speed-<config hash>.json, with the provenance of
+`linbench run`. A shape that runs out of memory or past the time cap is a record with
+status "oom" / "timeout", never a missing row; once a (method, mode) stops at some T,
+larger T get the same status without running, and a shape whose time or memory,
+extrapolated from the smaller T (and bounded below by its inputs or KV cache), exceeds
+the cap or the available memory is recorded without running, so a CPU never swaps.
+Finished records are reused (unless force), so an interrupted sweep resumes.
+
+This module imports no torch at import time (the CLI parses --seqlen with it).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from linbench.records import schema
+from linbench.units import fmt_bytes as _bytes
+from linbench.units import fmt_len, fmt_ms as _ms, fmt_rate as _si
+from linbench.units import parse_lengths as parse_seqlens
+
+SUITE = "speed"
+SUITE_VERSION = "1"
+MODES = ("fwd", "fwdbwd", "prefill", "decode")
+_ALIASES = {"fwd+bwd": "fwdbwd", "fwd_bwd": "fwdbwd"}
+
+
+def parse_modes(text: str) -> list[str]:
+    modes = [_ALIASES.get(m.strip(), m.strip()) for m in text.split(",")]
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise ValueError(f"unknown mode {(bad or [text])[0]!r} (choose from: {', '.join(MODES)})")
+    return list(dict.fromkeys(modes))
+
+
+@dataclass
+class SpeedConfig:
+    seqlens: list[int]
+    methods: list[str]               # registered methods and/or "fla:<op>" peers
+    modes: list[str]
+    batch: int = 1
+    heads: int = 8
+    dim: int = 64
+    dtype: str = "float32"
+    device: str = "cpu"
+    backend: str = "auto"
+    time_cap: float = 60.0           # seconds per shape
+    model: str = "smollm2-135m"
+    results_dir: str = "results"
+    force: bool = False
+    mem_limit: int | None = None     # bytes a shape may use (default: what the OS reports)
+    target_s: float = 1.0            # length of each timed loop
+    max_reps: int = 50
+
+
+def _reusable(record: dict | None, cfg: SpeedConfig) -> dict | None:
+    if not record or cfg.force:
+        return None
+    if record.get("status") == "ok":
+        return record
+    if record.get("status") == "timeout" and \
+            record.get("details", {}).get("time_cap_s", -1) >= cfg.time_cap:
+        return record
+    return None
+
+
+@dataclass
+class ModelSource:
+    """The base model of the model-level sweep, loaded only when a shape must run."""
+    info: dict        # recorded as record["model"]; its name and file_hash are hashed
+    load: Callable    # () -> a fresh model on the device, in the dtype of the sweep
+
+
+def default_model_source(cfg: SpeedConfig) -> ModelSource:
+    from linbench.assets import models
+    spec = models.resolve(cfg.model)
+    return ModelSource(dataclasses.asdict(spec),
+                       lambda: models.load(spec, cfg.dtype, cfg.device)[0])
+
+
+def _warm_up(target, mode: str, T: int) -> None:
+    """Pay one-time costs (imports, kernel compilation, allocator) before the first shape."""
+    try:
+        run, _ = target.prepare(mode, T)
+        run()
+    except Exception:  # noqa: BLE001 - the real shapes record their own failures
+        pass
+
+
+class _Sweep:
+    def __init__(self, cfg: SpeedConfig, echo):
+        import torch
+
+        from linbench.records import provenance
+        from linbench.records.store import Store
+        self.cfg, self.echo, self.provenance = cfg, echo, provenance
+        self.dtype = getattr(torch, cfg.dtype)
+        self.env = provenance.environment(cfg.device)
+        self.store = Store(cfg.results_dir)
+        self.out: list[dict] = []
+
+    def rows(self, name, level, method_cfg, modes, build, shape, model_hashed=None,
+             model_record=None, role=None):
+        """Every (mode, T) of one target: reuse, predict or measure, and store each row."""
+        from linbench.speed.timing import Guard, run_shape
+        cfg, env = self.cfg, self.env
+        guards = {m: Guard() for m in modes}
+        target = None
+        for mode in modes:
+            cheaper = guards.get({"fwdbwd": "fwd", "decode": "prefill"}.get(mode))
+            warm = False
+            for T in cfg.seqlens:
+                config = {"suite": {"name": SUITE, "version": SUITE_VERSION}, "level": level,
+                          "mode": mode, "seqlen": T, **shape, "dtype": cfg.dtype,
+                          "device": env["device"], "backend": cfg.backend,
+                          "method": method_cfg, "model": model_hashed}
+                key = self.provenance.config_hash(config)
+                path = self.store.path(model_hashed["name"] if model_hashed else "kernel", name,
+                                       SUITE, key)
+                rec = _reusable(self.store.load(path), cfg)
+                if rec is not None:
+                    d = rec["details"]
+                    guards[mode].observe(T, rec["status"], d.get("cost_s"),
+                                         d.get("peak_mem_bytes"))
+                    self.echo(f"[speed] {name} {mode} T={fmt_len(T)}: reusing {rec['status']} "
+                              f"record {path}")
+                    self.out.append(rec)
+                    continue
+                target = target or build()
+                if not warm:
+                    _warm_up(target, mode, min(256, *cfg.seqlens))
+                    warm = True
+                t0 = time.time()
+                status, metrics, details = run_shape(target, mode, T, cfg, self.dtype,
+                                                     env["device"], guards[mode], cheaper)
+                rec = schema.build(
+                    env=env, model=model_record or {"name": "kernel"}, method=name,
+                    suite=SUITE, suite_version=SUITE_VERSION, config=config, config_hash=key,
+                    dtype=cfg.dtype, seeds={"inputs": 0},
+                    context={k: getattr(cfg, k) for k in
+                             ("time_cap", "target_s", "max_reps", "mem_limit")},
+                    recovery=[], state_bytes={"seqlen": T, "bytes": details["state_bytes"]},
+                    status=status, metrics=metrics, details=details,
+                    seconds=round(time.time() - t0, 3), method_role=role)
+                self.store.write(path, rec)
+                self.out.append(rec)
+                if metrics:
+                    msg = f"{_ms(metrics['ms']['value'])}, " \
+                          f"{_si(metrics['tokens_per_s']['value'])} tok/s"
+                else:
+                    msg = details.get("note", "")
+                self.echo(f"[speed] {name} {mode} T={fmt_len(T)}: {status} {msg}")
+
+
+def sweep(cfg: SpeedConfig, echo=print, model: ModelSource | None = None) -> list[dict]:
+    """Run (or reuse) every shape; returns the records in sweep order."""
+    from linbench import registry
+    from linbench.speed.targets import FLA_PEERS, fla_target, method_kernel_target, model_target
+    run = _Sweep(cfg, echo)
+    kernel_modes = [m for m in cfg.modes if m in ("fwd", "fwdbwd")]
+    model_modes = [m for m in cfg.modes if m in ("prefill", "decode")]
+    shape = {"batch": cfg.batch, "heads": cfg.heads, "dim": cfg.dim}
+    for name in cfg.methods if kernel_modes else []:
+        if name in FLA_PEERS:
+            target = fla_target(name, cfg.batch, cfg.heads, cfg.dim, run.dtype, cfg.device)
+        else:
+            target = method_kernel_target(name, cfg.batch, cfg.heads, cfg.dim, run.dtype,
+                                          cfg.device, cfg.backend)
+        if target is None:
+            echo(f"[speed] {name}: the method has no kernel-level mixer; kernel modes skipped")
+            continue
+        role = "peer" if name in FLA_PEERS else registry.methods.get(name).role
+        run.rows(name, "kernel", target.config, kernel_modes, lambda t=target: t, shape,
+                 role=role)
+
+    if model_modes:
+        source = model or default_model_source(cfg)
+        hashed = {k: source.info.get(k) for k in ("name", "file_hash")}
+        for name in [n for n in cfg.methods if n not in FLA_PEERS]:
+            method = registry.methods.get(name)()
+
+            def build(name=name, method=method):
+                return model_target(name, method, method.linearize(source.load()).eval(),
+                                    cfg.device)
+            run.rows(name, "model", {"name": name, **method.config_dict()}, model_modes, build,
+                     {"batch": 1}, hashed, source.info, role=method.role)
+    return run.out
+
+
+def _cell(rec: dict) -> str:
+    if rec["status"] != "ok":
+        return rec["status"] + ("" if rec["details"].get("ran", True) else "*")
+    m, d = rec["metrics"], rec["details"]
+    cell = f"{_ms(m['ms']['value'])}, {_si(m['tokens_per_s']['value'])} tok/s"
+    if d["level"] == "model":
+        cell += "".join(f", {label} {_bytes(d[k])}" for label, k in
+                        (("peak", "peak_mem_bytes"), ("state", "state_bytes")) if d.get(k))
+    if d.get("tflops") is not None:
+        pct = f" ({d['pct_peak']:.0f}%)" if d.get("pct_peak") is not None else ""
+        cell += f", {d['tflops']:.3g} TFLOP/s{pct}, {d['gbps']:.3g} GB/s"
+    return cell
+
+
+def tables(records: list[dict]) -> list[str]:
+    """Markdown: per comparability group (level, device, dtype, shape, versions, model) a
+    table with rows T and columns method x mode, then the largest T that ran per column."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        d = r["details"]
+        key = (d["level"], r.get("device"), d["dtype"], d["batch"], d["heads"], d["dim"],
+               d["backend"], r.get("model", {}).get("name"), tuple(sorted(r["versions"].items())))
+        groups.setdefault(key, []).append(r)
+    out = []
+    for (level, device, dtype, b, h, dim, backend, model, _), recs in groups.items():
+        methods = list(dict.fromkeys(r["method"] for r in recs))
+        cols = sorted({(r["method"], r["details"]["mode"]) for r in recs},
+                      key=lambda c: (methods.index(c[0]), MODES.index(c[1])))
+        cells = {(r["details"]["seqlen"], r["method"], r["details"]["mode"]): r for r in recs}
+        title = (f"### speed, {level} level{'' if level == 'kernel' else ' (' + model + ')'}: "
+                 f"{device}, {dtype}, B{b} H{h} D{dim}, backend {backend}")
+        lines = [title, "", "| T | " + " | ".join(f"{m} {mode}" for m, mode in cols) + " |",
+                 "|---:|" + "---|" * len(cols)]
+        for T in sorted({k[0] for k in cells}):
+            row = [_cell(cells[(T, *c)]) if (T, *c) in cells else "" for c in cols]
+            lines.append(f"| {fmt_len(T)} | " + " | ".join(row) + " |")
+        lines += ["", "| method | mode | largest T that ran | first failure |",
+                  "|---|---|---:|---|"]
+        for m, mode in cols:
+            mine = sorted((r for r in recs if (r["method"], r["details"]["mode"]) == (m, mode)),
+                          key=lambda r: r["details"]["seqlen"])
+            ok = [r["details"]["seqlen"] for r in mine if r["status"] == "ok"]
+            bad = next((r for r in mine if r["status"] != "ok"), None)
+            lines.append(f"| {m} | {mode} | {fmt_len(max(ok)) if ok else '-'} | "
+                         + (f"{bad['status']} at {fmt_len(bad['details']['seqlen'])}"
+                            if bad else "-") + " |")
+        if any(not r["details"].get("ran", True) for r in recs):
+            lines += ["", "\\* not run: predicted from the smaller T (time or memory "
+                      "extrapolated, or a smaller T already stopped)"]
+        out.append("\n".join(lines))
+    return out

@@ -1,0 +1,295 @@
+"""How `linbench speed` measures one shape: timing, peak memory, and the Guard that skips
+shapes predicted to time out or run out of memory. The timing loop is shared with
+`python -m linbench.kernels.bench`.
+
+Timing (EVAL.md "speed"): inputs are prepared by the caller outside the timed region; the
+first call is the warm-up and the time-cap check; then the median with 20% / 80% quantiles
+of a loop on the monotonic clock (CPU, with torch.cuda.synchronize around each call on a
+GPU) or of `triton.testing.do_bench` (GPU, CUDA events, L2 flushed between reps).
+
+Peak memory: CUDA `max_memory_allocated` after `reset_peak_memory_stats`; CPU the process
+resident-set high-water mark (VmHWM of /proc/self/status, reset by writing "5" to
+/proc/self/clear_refs, Linux >= 4.0) minus the resident set before the shape, after
+malloc_trim(0) so that freed heap pages are not silently reused. tracemalloc cannot be
+used: torch's CPU allocations bypass Python's allocator.
+"""
+from __future__ import annotations
+
+import gc
+import math
+import os
+import re
+import time
+
+import torch
+
+from linbench.units import fmt_len
+
+
+def quantile(xs: list[float], p: float) -> float:
+    """Linear-interpolation quantile (numpy's default), 0 <= p <= 1."""
+    xs = sorted(xs)
+    pos = p * (len(xs) - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def is_oom(err: BaseException) -> bool:
+    if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    msg = str(err).lower()
+    return "out of memory" in msg or "can't allocate memory" in msg
+
+
+def _sync(device: torch.device):
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def measure(run, device, cap_s, target_s, min_reps, max_reps):
+    """Monotonic-clock loop: (times in seconds, "ok" | "timeout") of a zero-argument call.
+
+    The first call is the warm-up and the cap check ("timeout" if it exceeds cap_s); the
+    loop then runs about target_s seconds (min_reps..max_reps calls), stopping at the cap.
+    """
+    sync = _sync(torch.device(device))
+
+    def once():
+        sync()
+        t0 = time.perf_counter()
+        run()
+        sync()
+        return time.perf_counter() - t0
+
+    first = once()
+    if first > cap_s:
+        return [first], "timeout"
+    if first < 0.05:  # short calls: a little more warm-up (caches, allocator, threads)
+        for _ in range(min(10, int(min(0.2, target_s) / max(first, 1e-6)))):
+            once()
+    reps = max(min_reps, min(max_reps, math.ceil(target_s / max(first, 1e-9))))
+    times, spent = [], 0.0
+    for _ in range(reps):
+        times.append(once())
+        spent += times[-1]
+        if spent > cap_s:  # long calls: stop the loop at the cap, keep what was measured
+            break
+    return times, "ok"
+
+
+def time_call(run, device, cap_s: float, target_s: float = 1.0, min_reps: int = 3,
+              max_reps: int = 50, do_bench: bool = True) -> tuple[list[float], int, str]:
+    """([median, q20, q80] in ms, reps, status) of a prepared zero-argument call.
+
+    GPU: one synchronized call checks the cap, then `triton.testing.do_bench` (warm-up and
+    rep budgets in ms) unless a call is too slow for it (> target_s / 5) or do_bench is
+    False (calls that change state, like decode steps), when the synchronized loop is used.
+    CPU: the monotonic-clock loop.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and do_bench:
+        sync = _sync(device)
+        sync()
+        t0 = time.perf_counter()
+        run()
+        sync()
+        first = time.perf_counter() - t0
+        if first > cap_s:
+            return [first * 1e3] * 3, 1, "timeout"
+        if first < target_s / 5:
+            from triton.testing import do_bench
+            rep_ms = min(target_s, cap_s) * 1e3
+            ms = do_bench(run, warmup=min(25.0, rep_ms / 4), rep=rep_ms,
+                          quantiles=[0.5, 0.2, 0.8])
+            return list(ms), max(1, int(rep_ms / max(ms[0], 1e-6))), "ok"
+    times, status = measure(run, device, cap_s, target_s, min_reps, max_reps)
+    ms = [t * 1e3 for t in times]
+    return [quantile(ms, p) for p in (0.5, 0.2, 0.8)], len(times), status
+
+
+def _proc_status(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            m = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(m[1]) * 1024 if m else None
+
+
+def _malloc_trim() -> None:
+    """Hand the memory glibc keeps from freed chunks back to the OS (malloc_trim(0)): else a
+    shape reuses pages a larger earlier shape left resident and its RSS growth reads ~0."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the peak may be underestimated
+        pass
+
+
+class PeakMemory:
+    """Context manager: `.bytes` = peak memory above the level at entry (None if unknown)."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.bytes = None
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            _malloc_trim()
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")  # reset VmHWM to the current resident set
+                self._base = _proc_status("VmRSS")
+            except OSError:
+                self._base = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.bytes = torch.cuda.max_memory_allocated(self.device) - self._base
+        elif self._base is not None:
+            hwm = _proc_status("VmHWM")
+            self.bytes = None if hwm is None else max(0, hwm - self._base)
+        return False
+
+
+def available_bytes(device) -> int:
+    """Memory a new shape may still use: free GPU memory, or MemAvailable (and the cgroup
+    limit, when one is set) on CPU, so a CPU sweep never pushes the machine into swap."""
+    device = torch.device(device)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        return torch.cuda.mem_get_info(device)[0]
+    avail = []
+    try:
+        with open("/proc/meminfo") as f:
+            m = re.search(r"^MemAvailable:\s+(\d+) kB", f.read(), re.MULTILINE)
+        if m:
+            avail.append(int(m[1]) * 1024)
+    except OSError:
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            used = int(f.read())
+        if limit != "max":
+            avail.append(int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return min(avail) if avail else (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
+def _extrapolate(points: list[tuple[int, float]], T: int) -> float | None:
+    """y at T from the last two (T, y) points, y ~ T^p with p fitted and clamped to [1, 2]."""
+    pts = sorted(p for p in points if p[1] and p[1] > 0)
+    if not pts:
+        return None
+    (t1, y1), (t2, y2) = (pts[-2] if len(pts) > 1 else pts[-1]), pts[-1]
+    p = math.log(y2 / y1) / math.log(t2 / t1) if t2 > t1 else 1.0
+    return y2 * (T / t2) ** min(2.0, max(1.0, p))
+
+
+class Guard:
+    """Per (target, mode): predicts from the smaller T what would not fit or finish."""
+
+    def __init__(self):
+        self.points: list[tuple[int, float, int | None]] = []  # (T, seconds, peak bytes)
+        self.stop: tuple[str, int] | None = None
+
+    def observe(self, T: int, status: str, seconds: float | None, peak: int | None):
+        if status == "ok":
+            self.points.append((T, seconds, peak))
+        elif status in ("timeout", "oom") and self.stop is None:
+            self.stop = (status, T)
+
+    def predict(self, T, cap_s, budget, min_bytes, cheaper=None) -> tuple[str, str] | None:
+        for g in (self, cheaper):
+            if g is not None and g.stop and T >= g.stop[1]:
+                return g.stop[0], f"{g.stop[0]} at T={fmt_len(g.stop[1])} already; not run"
+        pts = [p for p in self.points if p[0] < T]
+        est_s = _extrapolate([(t, s) for t, s, _ in pts], T)
+        if est_s is not None and est_s > cap_s:
+            return "timeout", f"estimated {est_s:.3g} s > cap {cap_s:g} s; not run"
+        est_b = max(min_bytes, _extrapolate([(t, b) for t, _, b in pts], T) or 0)
+        if budget is not None and est_b > 0.9 * budget:
+            return "oom", (f"estimated {est_b / 2**30:.3g} GiB > 90% of {budget / 2**30:.3g} "
+                           f"GiB available; not run")
+        return None
+
+
+def run_shape(target, mode, T, cfg, dtype, device_name, guard, cheaper=None):
+    """Measure one (target, mode, T) shape -> (status, metrics, details); never raises.
+
+    Skipped without running when `guard` predicts a timeout or OOM (see linbench.speed.sweep).
+    """
+    device = torch.device(cfg.device)
+    info = target.info
+    details = {"level": target.level, "mode": mode, "seqlen": T,
+               "batch": info.get("batch", cfg.batch), "heads": info.get("heads", cfg.heads),
+               "dim": info.get("dim", cfg.dim), "dtype": cfg.dtype, "backend": cfg.backend,
+               "device": device_name, "ms_q20": None, "ms_q80": None, "peak_mem_bytes": None,
+               "tflops": None, "gbps": None, "pct_peak": None, "pct_peak_bw": None,
+               "state_bytes": target.state_bytes(T), "time_cap_s": cfg.time_cap,
+               "threads": torch.get_num_threads(), "cost_s": None, "setup_s": None,
+               "peak_mem_source": ("torch.cuda.max_memory_allocated" if device.type == "cuda"
+                                   else "process VmHWM - VmRSS at start (/proc/self/status)"),
+               **({"layers": info["layers"]} if "layers" in info else {}), "ran": True,
+               "note": ""}
+    budget = cfg.mem_limit or available_bytes(device)
+    details["mem_budget_bytes"] = budget
+    predicted = guard.predict(T, cfg.time_cap, budget, target.min_bytes(mode, T), cheaper)
+    if predicted:
+        status, details["note"] = predicted
+        details["ran"] = False
+        guard.observe(T, status, None, None)
+        return status, {}, details
+    run = None
+    try:
+        with PeakMemory(device) as mem:
+            torch.manual_seed(0)
+            t0 = time.perf_counter()
+            run, tokens = target.prepare(mode, T)  # inputs (and the decode prefill): untimed
+            setup_s = time.perf_counter() - t0
+            ms, reps, status = time_call(run, device, cfg.time_cap, cfg.target_s,
+                                         max_reps=cfg.max_reps if mode != "decode" else
+                                         min(cfg.max_reps, 32), do_bench=mode != "decode")
+    except Exception as err:  # noqa: BLE001 - every failure becomes a record
+        status = "oom" if is_oom(err) else "error"
+        first_line = (str(err).splitlines() or [""])[0][:200]
+        details["note"] = f"{type(err).__name__}: {first_line}"
+        guard.observe(T, status, None, None)
+        return status, {}, details
+    finally:
+        run = None
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    cost_s = setup_s if mode == "decode" else ms[0] / 1e3
+    details.update(peak_mem_bytes=mem.bytes, cost_s=round(cost_s, 6), setup_s=round(setup_s, 6))
+    guard.observe(T, status, cost_s, mem.bytes)
+    if status != "ok":
+        details["note"] = f"first call {ms[0] / 1e3:.3g} s > cap {cfg.time_cap:g} s"
+        return status, {}, details
+    details.update(ms_q20=ms[1], ms_q80=ms[2])
+    metrics = {"ms": {"value": ms[0], "stderr": None, "n": reps},
+               "tokens_per_s": {"value": tokens / (ms[0] / 1e3), "stderr": None, "n": reps}}
+    if device.type == "cuda" and target.level == "kernel":
+        from linbench.speed.targets import device_peaks, kernel_flops, kernel_io_bytes
+        B, H, D = details["batch"], details["heads"], details["dim"]
+        flops = (target.flops(B, T, mode) if target.flops else
+                 kernel_flops(target.flops_kind, B, T, H, D, mode))
+        seconds = ms[0] / 1e3
+        peak_tf, peak_tb = device_peaks(device_name, dtype)
+        tflops = flops / seconds / 1e12
+        gbps = kernel_io_bytes(B, T, H, D, torch.empty((), dtype=dtype).element_size(),
+                               mode) / seconds / 1e9
+        details.update(flops=flops, tflops=tflops, gbps=gbps,
+                       pct_peak=100 * tflops / peak_tf if peak_tf else None,
+                       pct_peak_bw=100 * gbps / (peak_tb * 1e3) if peak_tb else None)
+    return status, metrics, details

@@ -1,0 +1,284 @@
+"""`linbench speed`: parsing, records, statuses, resume, model level (no timing asserted)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from linbench import registry
+from linbench.methods.base import Method
+from linbench.speed.sweep import ModelSource, SpeedConfig, parse_seqlens, sweep
+from linbench.speed.timing import Guard
+from tests.conftest import make_tiny_llama
+
+TOP_KEYS = {"schema_version", "run_id", "created", "versions", "git", "device", "model",
+            "method", "suite", "suite_version", "config", "config_hash", "context", "dtype",
+            "seeds", "recovery", "state_bytes", "status", "metrics", "details", "seconds"}
+DETAIL_KEYS = {"level", "mode", "seqlen", "batch", "heads", "dim", "dtype", "backend", "device",
+               "ms_q20", "ms_q80", "peak_mem_bytes", "tflops", "gbps", "pct_peak",
+               "state_bytes"}
+
+
+class CumsumMixer(nn.Module):
+    """Unnormalized causal linear attention by prefix sums (a fake method's mixer)."""
+
+    def __init__(self, oom_from: int | None = None):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+        self.oom_from = oom_from
+
+    def forward(self, q, k, v):  # (B, T, H, D) each
+        if self.oom_from is not None and q.shape[1] >= self.oom_from:
+            raise torch.OutOfMemoryError("CUDA out of memory (fake)")
+        kv = torch.einsum("bthk,bthv->bthkv", k, v).cumsum(1)  # (B, T, H, K, V)
+        return self.scale * torch.einsum("bthk,bthkv->bthv", q, kv)
+
+    def state_bytes(self, batch, seqlen, elem=4):
+        return batch * 8 * 16 * 16 * 4
+
+
+class FakeLinear(Method):
+    name = "fake-linear"
+    oom_from = None
+
+    def mixer(self, heads, head_dim, backend="auto"):
+        if backend == "fla":
+            raise ValueError("fake-linear has no fla backend")
+        return CumsumMixer(self.oom_from)
+
+
+class FakeOOM(FakeLinear):
+    oom_from = 128
+
+
+class NoMixer(Method):
+    name = "no-mixer"
+
+
+@pytest.fixture
+def fakes():
+    for name, cls in [("fake-linear", FakeLinear), ("fake-oom", FakeOOM), ("no-mixer", NoMixer)]:
+        registry.methods.register(name, cls)
+    yield
+    for name in ("fake-linear", "fake-oom", "no-mixer"):
+        registry.methods.unregister(name)
+
+
+def cli(capsys, *args):
+    from linbench.cli import main
+    with pytest.raises(SystemExit) as exc:
+        main(["speed", *args])
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
+
+
+def records(results):
+    return [json.loads(p.read_text()) for p in sorted((results / "runs").rglob("*.json"))]
+
+
+SMALL = ["--seqlen", "64..256", "--heads", "2", "--dim", "16", "--target-seconds", "0.005"]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("2k..2M", [1 << e for e in range(11, 22)]),
+    ("1k,4k,16k", [1024, 4096, 16384]),
+    ("64..64,100", [64, 100]),
+])
+def test_parse_seqlens(text, expected):
+    assert parse_seqlens(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["2k..3k", "2kb", "16k..2k", "1k,,2k", "0"])
+def test_malformed_seqlen_is_one_line_exit_2(capsys, tmp_path, bad):
+    code, out, err = cli(capsys, "--seqlen", bad, "--results", str(tmp_path / "r"))
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and "--seqlen" in err
+    assert "2k..2M" in err  # names the accepted forms
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--methods", "nope"], "unknown method 'nope'"),
+    (["--mode", "fwd,sideways"], "unknown mode 'sideways'"),
+    (["--methods", "fla:gla", "--device", "cpu"], "needs fla"),
+])
+def test_bad_choices_exit_2(capsys, tmp_path, args, needle):
+    code, _, err = cli(capsys, *args, "--results", str(tmp_path / "r"))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_tiny_sweep_writes_records_with_the_schema(capsys, tmp_path, fakes):
+    results = tmp_path / "r"
+    code, out, err = cli(capsys, *SMALL, "--methods", "fake-linear,softmax,no-mixer",
+                         "--mode", "fwd,fwdbwd", "--results", str(results))
+    assert code == 0, err
+    recs = records(results)
+    assert len(recs) == 2 * 2 * 3  # (method, mode, T); no-mixer has no kernel rows
+    assert "no-mixer: the method has no kernel-level mixer" in err
+    assert {(r["method"], r["details"]["mode"], r["details"]["seqlen"]) for r in recs} == {
+        (m, mode, T) for m in ("fake-linear", "softmax") for mode in ("fwd", "fwdbwd")
+        for T in (64, 128, 256)}
+    for r in recs:
+        assert TOP_KEYS <= set(r) and DETAIL_KEYS <= set(r["details"])
+        assert r["status"] == "ok" and r["suite"] == "speed" and r["model"]["name"] == "kernel"
+        d, m = r["details"], r["metrics"]
+        assert (d["level"], d["batch"], d["heads"], d["dim"], d["dtype"], d["device"]) == (
+            "kernel", 1, 2, 16, "float32", r["device"])
+        assert d["ms_q20"] <= m["ms"]["value"] <= d["ms_q80"] and m["ms"]["n"] >= 3
+        assert m["tokens_per_s"]["value"] == pytest.approx(d["seqlen"] / m["ms"]["value"] * 1e3)
+        assert d["tflops"] is None and isinstance(d["peak_mem_bytes"], int)
+        assert r["state_bytes"]["seqlen"] == d["seqlen"]
+        assert r["versions"]["torch"] == torch.__version__
+    fake = [r for r in recs if r["method"] == "fake-linear"]
+    assert {r["state_bytes"]["bytes"] for r in fake} == {8 * 16 * 16 * 4}
+    # one config hash per shape, in the record path
+    assert len({r["config_hash"] for r in recs}) == len(recs)
+    assert "| 64 |" in out and "| 256 |" in out and "fake-linear fwdbwd" in out
+    assert "largest T that ran" in out
+    assert err.count("[speed] fake-linear fwd T=") == 3
+
+
+def test_timeout_and_oom_are_rows(capsys, tmp_path, fakes):
+    results = tmp_path / "r"
+    code, out, _ = cli(capsys, *SMALL, "--methods", "fake-linear", "--mode", "fwd",
+                       "--time-cap", "0", "--results", str(results))
+    assert code == 0
+    recs = sorted(records(results), key=lambda r: r["details"]["seqlen"])
+    assert [r["status"] for r in recs] == ["timeout"] * 3
+    assert "first call" in recs[0]["details"]["note"]
+    assert "already; not run" in recs[1]["details"]["note"]
+    for r in recs:
+        assert r["metrics"] == {} and DETAIL_KEYS <= set(r["details"])
+    assert "| 64 | timeout |" in out and "| 128 | timeout* |" in out and "not run" in out
+    assert [r["details"]["ran"] for r in recs] == [True, False, False]
+
+    # a real OutOfMemoryError at T >= 128, then larger T are oom without running
+    code, out, _ = cli(capsys, *SMALL, "--methods", "fake-oom", "--mode", "fwd,fwdbwd",
+                       "--results", str(results))
+    assert code == 0
+    oom = {(r["details"]["mode"], r["details"]["seqlen"]): r for r in records(results)
+           if r["method"] == "fake-oom"}
+    assert [oom[("fwd", T)]["status"] for T in (64, 128, 256)] == ["ok", "oom", "oom"]
+    assert "OutOfMemoryError" in oom[("fwd", 128)]["details"]["note"]
+    assert "not run" in oom[("fwd", 256)]["details"]["note"]
+    assert oom[("fwdbwd", 128)]["status"] == "oom"  # fwd stopped at 128: fwdbwd cannot fit
+    assert "oom at 128" in out
+
+    # a memory budget below the inputs themselves: oom by estimate, nothing allocated
+    code, _, _ = cli(capsys, *SMALL, "--methods", "softmax", "--mode", "fwd",
+                     "--mem-limit", "1e-6", "--results", str(tmp_path / "r2"))
+    recs = sorted(records(tmp_path / "r2"), key=lambda r: r["details"]["seqlen"])
+    assert code == 0 and [r["status"] for r in recs] == ["oom"] * 3
+    assert "estimated" in recs[0]["details"]["note"]
+
+
+def test_build_error_is_error_rows_and_exit_1(capsys, tmp_path, fakes):
+    code, _, err = cli(capsys, *SMALL, "--methods", "fake-linear", "--mode", "fwd",
+                       "--backend", "fla", "--results", str(tmp_path / "r"))
+    recs = records(tmp_path / "r")
+    assert code == 1 and len(recs) == 3 and {r["status"] for r in recs} == {"error"}
+    assert "no fla backend" in recs[0]["details"]["note"] and "no fla backend" in err
+
+
+def test_resume_reuses_records(capsys, tmp_path, fakes):
+    results = tmp_path / "r"
+    args = [*SMALL, "--methods", "fake-linear", "--mode", "fwd", "--results", str(results)]
+    assert cli(capsys, *args)[0] == 0
+    first = {r["config_hash"]: r["run_id"] for r in records(results)}
+    code, out, err = cli(capsys, *args)
+    assert code == 0 and err.count("reusing ok record") == 3
+    assert {r["config_hash"]: r["run_id"] for r in records(results)} == first
+    assert "| 128 |" in out  # the table is rebuilt from the reused records
+    cli(capsys, *args, "--force")
+    again = {r["config_hash"]: r["run_id"] for r in records(results)}
+    assert again.keys() == first.keys() and not set(again.values()) & set(first.values())
+    # timeouts are reused under the same cap, remeasured under a larger one
+    cli(capsys, *args, "--seqlen", "512", "--time-cap", "0")
+    _, _, err = cli(capsys, *args, "--seqlen", "512", "--time-cap", "0")
+    assert "reusing timeout record" in err
+    _, _, err = cli(capsys, *args, "--seqlen", "512")
+    assert "reusing" not in err
+    assert {r["status"] for r in records(results)} == {"ok"}
+
+
+def test_guard_predicts_from_smaller_lengths():
+    g = Guard()
+    g.observe(64, "ok", 1.0, 1 << 20)
+    g.observe(128, "ok", 2.0, 4 << 20)   # time ~ T, memory ~ T^2
+    assert g.predict(256, 10.0, 64 << 20, 0) is None            # 4 s, 16 MiB: fits
+    assert g.predict(256, 3.0, 64 << 20, 0)[0] == "timeout"     # 4 s > 3 s
+    assert g.predict(256, 10.0, 16 << 20, 0)[0] == "oom"        # 16 MiB > 90% of 16 MiB
+    assert g.predict(256, 10.0, 64 << 20, 60 << 20)[0] == "oom"  # lower bound of the inputs
+    g.observe(256, "timeout", None, None)
+    assert g.predict(512, 1e9, None, 0) == ("timeout", "timeout at T=256 already; not run")
+
+
+def test_model_level_prefill_decode_on_tiny_llama(tmp_path):
+    vocab = 512
+    info = {"name": "tiny-llama", "file_hash": "0" * 64, "source": "test"}
+    source = ModelSource(info, lambda: make_tiny_llama(vocab_size=vocab))
+    cfg = SpeedConfig(seqlens=[32, 64], methods=["softmax", "gla"], modes=["prefill", "decode"],
+                      results_dir=str(tmp_path / "r"), target_s=0.005, max_reps=5)
+    lines = []
+    recs = sweep(cfg, echo=lines.append, model=source)
+    assert len(recs) == 2 * 2 * 2 and all(r["status"] == "ok" for r in recs), \
+        [r["details"]["note"] for r in recs]
+    by = {(r["method"], r["details"]["mode"], r["details"]["seqlen"]): r for r in recs}
+    for (method, mode, T), r in by.items():
+        d = r["details"]
+        assert r["model"] == info and r["config"]["model"] == {"name": "tiny-llama",
+                                                               "file_hash": "0" * 64}
+        assert (d["level"], d["batch"], d["heads"], d["dim"], d["layers"]) == ("model", 1, 4, 16, 2)
+        tokens = T if mode == "prefill" else 1
+        assert r["metrics"]["tokens_per_s"]["value"] == pytest.approx(
+            tokens / r["metrics"]["ms"]["value"] * 1e3)
+        assert d["setup_s"] >= 0 and isinstance(d["peak_mem_bytes"], int)
+    # softmax KV cache: 2 (k, v) x 2 layers x 2 kv heads x 16 dims x T x 4 bytes
+    assert by[("softmax", "decode", 64)]["state_bytes"]["bytes"] == 2 * 2 * 2 * 16 * 64 * 4
+    # a linear method's state does not grow with T
+    gla = [by[("gla", "decode", T)]["state_bytes"]["bytes"] for T in (32, 64)]
+    assert gla[0] == gla[1] and gla[0] > 0
+    files = list((tmp_path / "r" / "runs" / "tiny-llama").rglob("speed-*.json"))
+    assert len(files) == 8
+    # resume: nothing is measured again, the model is not even loaded
+    source.load = lambda: pytest.fail("model loaded although every record exists")
+    again = sweep(cfg, echo=lines.append, model=source)
+    assert [r["run_id"] for r in again] == [r["run_id"] for r in recs]
+
+
+def test_roofline_helpers():
+    from linbench.speed.targets import device_peaks, kernel_flops, kernel_io_bytes
+    assert device_peaks("NVIDIA H100 80GB HBM3", torch.bfloat16) == (989.0, 3.35)
+    assert device_peaks("NVIDIA H200", torch.bfloat16) == (989.0, 4.8)
+    assert device_peaks("NVIDIA H100 PCIe", torch.float16)[1] == 2.0
+    assert device_peaks("cpu: x86_64 x2 threads", torch.float32) == (None, None)
+    B, T, H, D = 2, 4096, 8, 64
+    assert kernel_flops("softmax", B, T, H, D, "fwd") == 2 * B * T * T * H * D  # EVAL.md
+    fwd = kernel_flops("linear", B, T, H, D, "fwd", chunk=64)
+    assert fwd == B * T * H * (2 * 64 * 128 + 4 * 64 * 64)
+    assert kernel_flops("linear", B, T, H, D, "fwdbwd") == 3 * fwd
+    assert kernel_io_bytes(B, T, H, D, 2, "fwd") == 4 * B * T * H * D * 2
+
+
+def test_cpu_peak_memory_is_not_fooled_by_freed_heap():
+    """glibc keeps freed 4 MiB chunks resident; a new shape must still count its own pages."""
+    from linbench.speed.timing import PeakMemory
+    for _ in range(3):
+        big = [torch.ones(1 << 20) for _ in range(64)]  # 64 x 4 MiB, then freed
+        del big
+    with PeakMemory("cpu") as mem:
+        xs = [torch.ones(1 << 20) for _ in range(16)]  # 64 MiB live
+    assert len(xs) == 16 and 63 * 2**20 <= mem.bytes < 96 * 2**20
+
+
+def test_speed_help_imports_no_torch():
+    import subprocess
+    import sys
+    code = ("import sys\nfrom linbench.cli import main\n"
+            "try:\n    main(['speed', '--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+            "print('HEAVY', [m for m in sys.modules if m.split('.')[0] in ('torch', 'triton')])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "HEAVY []" in out.stdout and "--seqlen" in out.stdout
