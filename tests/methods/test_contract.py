@@ -1,8 +1,10 @@
 """The contract every registered method keeps, on a tiny random Llama (GQA: 4 heads, 2 kv).
 
-Adding a method to the registry adds it to every test here. The per-method "form" tests
-check the linearized layer at its initialization against METHODS.md's formulas, written
-out quadratically here (independent of linbench.kernels).
+The method list comes from the registry, so a method added there (built in or through the
+`linbench.methods` entry point) runs every test here without editing this file. The
+per-method "form" tests check the linearized layer at its initialization against the
+formulas of methods/README.md, written out quadratically here (independent of
+linbench.kernels), for every method that has such a form below.
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ from linbench.methods.linearize import new_parameters
 from tests.conftest import make_tiny_llama
 
 BUILTIN = ["softmax", "swa", "hedgehog", "lolcats", "liger", "gla", "deltanet", "lightning"]
-LINEAR = [m for m in BUILTIN if m != "softmax"]
+ALL = registry.methods.names()
+LINEAR = [m for m in ALL if registry.methods.get(m).role != "parent"]
 VOCAB = 256
 
 
@@ -50,7 +53,7 @@ def test_every_builtin_is_registered():
     assert set(BUILTIN) <= set(registry.methods.names())
 
 
-@pytest.mark.parametrize("name", BUILTIN)
+@pytest.mark.parametrize("name", ALL)
 def test_linearize_keeps_interface(name):
     base = tiny()
     method, model = linearized(name)
@@ -61,8 +64,8 @@ def test_linearize_keeps_interface(name):
     assert out.logits.shape == base(x).logits.shape == (2, 37, VOCAB)
     assert torch.isfinite(out.logits).all()
     n_lin = len(linearized_layers(model))
-    assert n_lin == (0 if name == "softmax" else 2)
-    if name != "softmax":
+    assert n_lin == (0 if method.role == "parent" else 2)
+    if method.role != "parent":
         assert model.config.linbench["method"] == name
         assert model.config.linbench["window"] == method.window()
 
@@ -180,7 +183,18 @@ FORMS = {"hedgehog": form_hedgehog, "lolcats": form_lolcats, "swa": form_swa, "l
          "gla": form_gla, "deltanet": form_deltanet, "lightning": form_lightning}
 
 
-@pytest.mark.parametrize("name", LINEAR)
+def test_every_builtin_linearized_method_has_a_paper_form():
+    assert set(BUILTIN) - {"softmax"} <= set(FORMS)
+
+
+def test_roles_are_declared():
+    roles = {m: registry.methods.get(m).role for m in ALL}
+    assert roles["softmax"] == "parent" and roles["swa"] == "baseline"
+    assert all(r in ("parent", "baseline", "linearized") for r in roles.values()), roles
+    assert list(roles.values()).count("parent") == 1
+
+
+@pytest.mark.parametrize("name", [m for m in LINEAR if m in FORMS])
 def test_layer_matches_paper_form(name):
     _, model = linearized(name)
     perturb(model)
