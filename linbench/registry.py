@@ -24,6 +24,7 @@ BUILTIN = {
     },
     "suites": {
         "mmlu5": "linbench.suites.mmlu5:MMLU5",
+        "mmlu_cloze": "linbench.suites.mmlu_cloze:MMLUCloze",
         "commonsense": "linbench.suites.commonsense:Commonsense",
         "ppl": "linbench.suites.ppl:Perplexity",
         "recall": "linbench.suites.recall:Recall",

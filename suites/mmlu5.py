@@ -77,6 +77,7 @@ class Question:
     loglikelihoods: list[float]  # of " A".." D" after the 5-shot context
     pred: int                   # argmax of loglikelihoods (first on ties, as lm-eval)
     correct: bool               # lm-eval's acc for this question
+    correct_norm: bool | None = None  # lm-eval's acc_norm (length-normalized), where scored
 
 
 def aggregate(questions: Sequence[Question], categories: dict[str, str] | None = None) -> dict:
@@ -98,6 +99,12 @@ class MMLU5(Suite):
     """
     name = "mmlu5"
     version = "1"
+    template = TEMPLATE             # the shared task YAML in suites/tasks/
+    num_fewshot = NUM_FEWSHOT
+
+    @staticmethod
+    def describe(subject: str) -> str:
+        return description(subject)
 
     def __init__(self, subjects: Sequence[str] | None = None):
         known = subject_categories()
@@ -108,12 +115,11 @@ class MMLU5(Suite):
 
     def config(self, ctx: RunContext) -> dict:
         all_subjects = self.subjects == sorted(subject_categories())
-        return {"limit": ctx.limit, "seed": ctx.seed, "num_fewshot": NUM_FEWSHOT,
+        return {"limit": ctx.limit, "seed": ctx.seed, "num_fewshot": self.num_fewshot,
                 "subjects": "all" if all_subjects else list(self.subjects)}
 
-    @staticmethod
-    def task_name(subject: str) -> str:
-        return f"mmlu5_{subject}"
+    def task_name(self, subject: str) -> str:
+        return f"{self.name}_{subject}"
 
     def prepare(self, root: Path, ctx: RunContext) -> dict[str, tuple[str, list[int]]]:
         """Write the task YAMLs (and limited test splits) under root.
@@ -135,17 +141,17 @@ class MMLU5(Suite):
             name = self.task_name(subject)
             plan[name] = (subject, rows)
             configs.append({
-                "include": "_mmlu5_template_yaml",
+                "include": f"_{self.name}_template_yaml",
                 "task": name,
                 "task_alias": subject,
-                "description": description(subject),
+                "description": self.describe(subject),
                 "dataset_kwargs": {
                     "data_files": {"dev": str(split_file(subject, "dev")), "test": str(test_path)},
                     "cache_dir": str(root / "hf_datasets_cache"),
                 },
             })
-        lmeval.write_task_dir(root / "tasks", "_mmlu5_template_yaml",
-                              lmeval.template_text(TEMPLATE), configs)
+        lmeval.write_task_dir(root / "tasks", f"_{self.name}_template_yaml",
+                              lmeval.template_text(self.template), configs)
         return plan
 
     def evaluate(self, model, tokenizer, ctx: RunContext) -> list[Question]:
@@ -155,8 +161,10 @@ class MMLU5(Suite):
         for name, (subject, rows) in plan.items():
             for sample, row in zip(samples[name], rows):
                 lls = [float(ll) for ll, _ in sample["filtered_resps"]]
+                norm = sample.get("acc_norm")
                 questions.append(Question(subject, row, int(sample["target"]), lls,
-                                          int(np.argmax(lls)), bool(sample["acc"])))
+                                          int(np.argmax(lls)), bool(sample["acc"]),
+                                          None if norm is None else bool(norm)))
         return questions
 
     def run(self, model, tokenizer, ctx: RunContext) -> list[Record]:
@@ -170,7 +178,7 @@ class MMLU5(Suite):
             per_subject[subject] = {"acc": m.value, "n": m.n, "category": categories[subject]}
         details = {
             "lm_eval_version": lmeval.lm_eval_version(),
-            "num_fewshot": NUM_FEWSHOT,
+            "num_fewshot": self.num_fewshot,
             "limit_per_subject": ctx.limit,
             "selection_seed": ctx.seed,
             "n_subjects": len(self.subjects),
@@ -179,4 +187,7 @@ class MMLU5(Suite):
             "seconds": round(seconds, 2),
             "seconds_per_question": round(seconds / max(len(questions), 1), 4),
         }
-        return [Record(self.name, aggregate(questions, categories), details)]
+        return [Record(self.name, self.aggregate(questions, categories), details)]
+
+    def aggregate(self, questions: Sequence[Question], categories: dict[str, str]) -> dict:
+        return aggregate(questions, categories)
