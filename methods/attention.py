@@ -163,7 +163,8 @@ class LinearizedAttention(nn.Module):
         self.norm = HeadRMSNorm(self.heads, self.head_dim) if norm else None
         hidden = hidden_size or cfg.hidden_size
         self.gate = OutputGate(hidden, self.heads, self.head_dim) if output_gate else None
-        self.transfer: str | None = None        # None | "mse" | "ce"
+        self.transfer: str | None = None        # None | "mse" | "ce" | "calibrate"
+        self._moments: list | None = None        # sums for the calibrated init
         self.transfer_loss: torch.Tensor | None = None
         self.transfer_block = 256               # query block of the "ce" loss
 
@@ -214,9 +215,35 @@ class LinearizedAttention(nn.Module):
             self.transfer_loss = F.mse_loss(student.float(), teacher.float())
         elif self.transfer == "ce":
             self.transfer_loss = self._attention_ce(h)
+        elif self.transfer == "calibrate":
+            self._accumulate(teacher, h)
         else:
             raise ValueError(f"unknown transfer loss {self.transfer!r}; valid: mse, ce")
         return teacher
+
+    @torch.no_grad()
+    def _accumulate(self, teacher, h: Heads):
+        """Per-(head, channel) second moments of the teacher's output and of the student's
+        output after the norm's normalization (before its weight)."""
+        if self.norm is None:
+            return
+        o = self.mixer(h, None, False)[0].float()
+        normed = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.norm.eps)
+        sums = [teacher.float().pow(2).sum((0, 1)), normed.pow(2).sum((0, 1)), o.shape[0] * o.shape[1]]
+        self._moments = sums if self._moments is None else [a + b for a, b in zip(self._moments, sums)]
+
+    @torch.no_grad()
+    def calibrate(self) -> bool:
+        """Calibrated init: set the output norm's (H, D) weight so that each head channel's
+        RMS matches the teacher's on the calibration tokens seen in "calibrate" mode
+        (w = sqrt(E[teacher^2] / E[normalized student^2])). False when nothing to do."""
+        if self.norm is None or self._moments is None:
+            return False
+        t2, s2, n = self._moments
+        w = torch.sqrt(t2 / n) / torch.sqrt(s2 / n).clamp_min(1e-6)
+        self.norm.weight.copy_(w.to(self.norm.weight.dtype))
+        self._moments = None
+        return True
 
     def _attention_ce(self, h: Heads):
         """Hedgehog's attention distillation: cross-entropy between the softmax attention

@@ -68,6 +68,11 @@ class LinearConfig(MethodConfig):
     softmax_every: int = 0                    # keep softmax in every n-th layer (Liger-H: 7)
     keep_softmax_layers: tuple[int, ...] = ()  # ...or in these layer indices
     backend: str = "auto"                      # kernel backend (linbench.kernels.BACKENDS)
+    # init of the new parameters: "calibrated" (output norm matched to the teacher's per-head
+    # channel RMS on a calibration batch of the recovery corpus; linbench's default, see
+    # methods/README.md "Initialization") or "paper" (identity norm, as the papers)
+    init: str = "calibrated"
+    calibration_tokens: int = 8192
     # stage 1: attention transfer
     transfer: str | None = "mse"               # "mse" (outputs before o_proj) | "ce" | None
     transfer_lr: float = 1e-2
