@@ -5,6 +5,7 @@ included); a failed suite becomes a record with status "error" and exit code 1.
 """
 from __future__ import annotations
 
+import shlex
 import sys
 
 import click
@@ -136,9 +137,13 @@ def report(results_dir, out_dir):
     from linbench.report import leaderboard
     from linbench.report import build as rep
     from linbench.records.store import Store
-    records = Store(results_dir).records()
+    records, skipped = Store(results_dir).scan()
+    for path, why in skipped:
+        click.echo(f"linbench: skipped {path}: {why}", err=True)
     if not records:
-        raise LinbenchError(f"no run records under {results_dir}/runs (run `linbench run` first)")
+        raise LinbenchError(f"no usable run records under {results_dir}/runs"
+                            + (f" ({len(skipped)} skipped, listed above)" if skipped else
+                               " (run `linbench run` first)"))
     out_dir = out_dir or os.path.join(results_dir, "leaderboard")
     board = leaderboard.write(records, out_dir)
     for table in board.tables:
@@ -262,8 +267,9 @@ def main(argv=None) -> None:
         sys.exit(0)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
-    except click.exceptions.Abort:
-        click.echo("linbench: interrupted", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+        click.echo(f"linbench: interrupted; finished records and recovery checkpoints are kept: "
+                   f"rerun `linbench {shlex.join(argv)}` to resume", err=True)
         sys.exit(130)
     except click.UsageError as e:
         cmd = e.ctx.command_path if e.ctx else "linbench"
@@ -272,9 +278,6 @@ def main(argv=None) -> None:
     except LinbenchError as e:
         click.echo(f"linbench: error: {e}", err=True)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        click.echo("linbench: interrupted; finished records are kept, rerun to resume", err=True)
-        sys.exit(130)
 
 
 if __name__ == "__main__":

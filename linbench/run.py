@@ -2,20 +2,31 @@
 
 Knows no method or suite by name: everything arrives through the registries. Finished
 records are reused, so an interrupted run resumes where it stopped.
+
+Before any work: `preflight` checks what can be checked (results and checkpoint
+directories writable, model config readable and supported, recovery data present) and
+`announce` prints the plan with a time estimate. Each method's records are computed under
+their file locks (records.store), its recovery under the checkpoint key's lock
+(recovery.cache), so a second identical run waits and then reuses. A recovery that fails
+(e.g. a diverging loss) becomes error records for that method's suites, never "ok".
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import statistics
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from linbench import registry
 from linbench.assets import models
+from linbench.errors import LinbenchError
 from linbench.records import provenance, schema
 from linbench.overrides import label
-from linbench.records.store import Store
+from linbench.records.store import Store, nonfinite
 from linbench.suites.base import RunContext
 
 STATE_SEQLEN = 2048  # the context length at which records report state size
@@ -81,15 +92,48 @@ def validate(methods: list[str], suites: list[str]) -> None:
         registry.suites.check(name)
 
 
-def run(plan: RunPlan, echo=print) -> list[dict]:
+def writable_dir(path, option: str) -> None:
+    """`path` is, or can be created as, a writable directory (probed with a temporary file
+    in its nearest existing ancestor, removed again); LinbenchError naming it otherwise."""
+    p = Path(path).expanduser().absolute()
+    for a in (p, *p.parents):
+        if not a.exists() and not a.is_symlink():
+            continue
+        if not a.is_dir():
+            what = "is" if a == p else f"is under {a}, which is"
+            raise LinbenchError(f"{option} {path} {what} a file, not a directory "
+                                f"(give a directory path)")
+        try:
+            with tempfile.TemporaryFile(dir=a):
+                pass
+        except OSError as e:
+            raise LinbenchError(f"{option} {path}: cannot write in {a} ({e.strerror or e})") from None
+        return
+
+
+def preflight(plan: RunPlan) -> tuple:
+    """Everything checkable before work starts; (model spec, store, jobs). Raises
+    LinbenchError (one line, exit 2) before anything is written to the results."""
     validate(plan.methods, plan.suites)
+    writable_dir(plan.results_dir, "--results")
+    recovering = [m for m in plan.methods
+                  if registry.methods.get(m)(**plan.overrides.get(m, {})).needs_recovery()]
+    if recovering:
+        writable_dir(plan.checkpoints or models.cache_root() / "checkpoints", "--checkpoints")
     spec = models.resolve(plan.model, plan.revision)
     store = Store(plan.results_dir)
-    jobs = plan_jobs(plan, spec, store)
+    return spec, store, plan_jobs(plan, spec, store)  # builds each recovery corpus: data present
+
+
+def run(plan: RunPlan, echo=print) -> list[dict]:
+    spec, store, jobs = preflight(plan)
+    store.warn = echo
+    announce(plan, spec, store, jobs, echo)
     env = provenance.environment(plan.ctx.device)
     out = []
     for method_name in dict.fromkeys(j.method for j in jobs):
-        todo, mine = [], [j for j in jobs if j.method == method_name]
+        mine = [j for j in jobs if j.method == method_name]
+        todo = []
         for job in mine:
             done = None if plan.force else store.finished(job.path)
             if done:
@@ -99,20 +143,219 @@ def run(plan: RunPlan, echo=print) -> list[dict]:
                 todo.append(job)
         if not todo:
             continue
-        method = todo[0].method_obj
+        locks = _lock_all(store, todo, echo)
+        try:
+            out += _run_method(plan, spec, store, env, todo, echo)
+        finally:
+            for lk in reversed(locks):
+                lk.release()
+    return out
+
+
+def _lock_all(store: Store, jobs: list, echo) -> list:
+    """Each job's record lock, in path order (two runs never wait on each other in a cycle)."""
+    from filelock import Timeout
+    locks = []
+    for job in sorted(jobs, key=lambda j: str(j.path)):
+        lk = store.lock(job.path)
+        try:
+            lk.acquire(timeout=0)
+        except Timeout:
+            echo(f"[{job.method}/{job.suite}] waiting for another linbench process computing "
+                 f"{job.path}")
+            lk.acquire()
+        locks.append(lk)
+    return locks
+
+
+def _run_method(plan: RunPlan, spec, store: Store, env: dict, jobs: list, echo) -> list[dict]:
+    out, todo = [], []
+    for job in jobs:  # another process may have finished some while we waited
+        done = None if plan.force else store.finished(job.path)
+        if done:
+            echo(f"[{job.method}/{job.suite}] reusing finished record {job.path} "
+                 f"(written by another process)")
+            out.append(done)
+        else:
+            todo.append(job)
+    if not todo:
+        return out
+    method = todo[0].method_obj
+    try:
         if method.needs_recovery():
             model, tokenizer = _recovered(todo[0], spec, plan, echo)
         else:
             model, tokenizer = models.load(spec, plan.ctx.dtype, plan.ctx.device)
             model = method.linearize(model)
-        stages = _stages_of(model)
+    except (LinbenchError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # noqa: BLE001 - a failed recovery is an error record per suite
+        message = f"{type(e).__name__}: {e}"
+        echo(f"linbench: {todo[0].method}: {message}")
         for job in todo:
-            echo(f"[{method_name}/{job.suite}] running on {spec.name} ({plan.ctx.device}, {plan.ctx.dtype})")
-            record = _run_one(job, model, tokenizer, plan, spec, env, stages)
+            record = _error_record(job, plan, spec, env, message, traceback.format_exc())
             store.write(job.path, record)
-            echo(f"[{method_name}/{job.suite}] {record['status']}: wrote {job.path}")
+            echo(f"[{job.method}/{job.suite}] error: wrote {job.path}")
             out.append(record)
+        return out
+    stages = _stages_of(model)
+    for job in todo:
+        echo(f"[{job.method}/{job.suite}] running on {spec.name} ({plan.ctx.device}, {plan.ctx.dtype})")
+        record = _run_one(job, model, tokenizer, plan, spec, env, stages)
+        store.write(job.path, record)
+        echo(f"[{job.method}/{job.suite}] {record['status']}: wrote {job.path}")
+        out.append(record)
     return out
+
+
+def _error_record(job: Job, plan: RunPlan, spec, env: dict, message: str, tb: str) -> dict:
+    seeds = {"suite": plan.ctx.seed, **({"recovery": plan.ctx.seed} if "recovery" in job.config else {})}
+    return schema.build(
+        env=env, model=dataclasses.asdict(spec), method=job.method, suite=job.suite,
+        suite_version=job.suite_obj.version, config=job.config, config_hash=job.key,
+        dtype=plan.ctx.dtype, seeds=seeds, context=dataclasses.asdict(plan.ctx), recovery=[],
+        state_bytes={"seqlen": STATE_SEQLEN, "bytes": None}, status="error", metrics={},
+        details={}, seconds=0.0, method_role=getattr(job.method_obj, "role", "linearized"),
+        suite_meta=job.suite_obj.meta() if hasattr(job.suite_obj, "meta") else {},
+        error=message, traceback=tb)
+
+
+# -- the announced plan -------------------------------------------------------------------
+HOUR = 3600.0
+# Recovery training tokens/s used when no earlier record measured them: SmolLM2-135M in
+# fp32 on an idle 2-core CPU (linbench.recovery.budget, the `cpu` preset's comment).
+DEFAULT_CPU_TOKENS_PER_S = {"transfer": 490.0, "lora": 300.0}
+
+
+def _fmt_s(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * HOUR:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / HOUR:.1f} h"
+
+
+def _items(job: Job, ctx, history: list[dict]) -> tuple[int | None, str]:
+    """Items a suite will score: its own count (suite.items(ctx)) or, failing that, the n
+    of an earlier record of the same suite configuration."""
+    count = getattr(job.suite_obj, "items", None)
+    if callable(count):
+        try:
+            n = count(ctx)
+            if n is not None:
+                return int(n), "counted"
+        except Exception:  # noqa: BLE001 - a count is a courtesy, never a failure
+            pass
+    same = [_n_of(r) for r in history if r.get("config", {}).get("suite") == job.config["suite"]]
+    same = [n for n in same if n]
+    return (max(same), "from an earlier record") if same else (None, "unknown")
+
+
+def _n_of(record: dict) -> int | None:
+    ns = [m.get("n") for m in record.get("metrics", {}).values()
+          if isinstance(m, dict) and isinstance(m.get("n"), int)]
+    return max(ns) if ns else None
+
+
+def announce(plan: RunPlan, spec, store: Store, jobs: list, echo) -> dict:
+    """Print what will run (items per suite, recovery steps per method) and an estimate of
+    the time on this machine from the rates measured by earlier records of the same model
+    and device; returns the numbers (for tests)."""
+    from linbench.recovery import budget as budgets
+    history, _ = store.scan()
+    device = provenance.device_name(plan.ctx.device)
+    history = [r for r in history if r.get("device") == device and r.get("status") == "ok"
+               and r.get("model", {}).get("file_hash") == spec.file_hash]
+    finished = {str(j.path) for j in jobs if not plan.force and _is_finished(j.path)}
+    b = budgets.parse(plan.budget)
+    total, unknown, lines, defaults = 0.0, [], [], set()
+    # recovery: seconds per training token by stage, from earlier records' stage dicts
+    stage_rate = {}
+    for name in ("transfer", "lora"):
+        rows = [(s["seconds"], s["tokens"]) for r in history for s in r.get("recovery") or []
+                if s.get("stage") == name and s.get("tokens")]
+        if rows:
+            stage_rate[name] = (sum(a for a, _ in rows) / sum(t for _, t in rows), len(rows))
+    from linbench.recovery import cache
+    for method_name in dict.fromkeys(j.method for j in jobs):
+        mine = [j for j in jobs if j.method == method_name]
+        if all(str(j.path) in finished for j in mine):
+            lines.append(f"  {method_name}: every record finished (reused)")
+            continue
+        m = mine[0].method_obj
+        if m.needs_recovery():
+            seqlen = b.seqlen_for(m)
+            parts, secs = [], 0.0
+            cached = cache.checkpoint_dir(plan.checkpoints, spec.file_hash, mine[0].config["method"],
+                                          mine[0].config["recovery"], plan.ctx.dtype) / "model"
+            for name in ("transfer", "lora"):
+                steps = b.steps(name, seqlen)
+                if not steps or (name == "transfer" and not getattr(m.config, "transfer", None)):
+                    continue
+                parts.append(f"{name} {steps} steps")
+                tokens = steps * b.batch_size * seqlen
+                if name in stage_rate:
+                    secs += stage_rate[name][0] * tokens
+                elif not plan.ctx.device.startswith("cuda"):
+                    secs += tokens / DEFAULT_CPU_TOKENS_PER_S[name]
+                    defaults.add(name)
+                else:
+                    unknown.append(f"{method_name} {name}")
+            if cached.exists():
+                lines.append(f"  {method_name}: recovered checkpoint cached, no training")
+            else:
+                total += secs
+                lines.append(f"  {method_name}: recovery {', '.join(parts)} of {b.batch_size} x "
+                             f"{seqlen} tokens (budget {b.name})"
+                             + (f", ~{_fmt_s(secs)}" if secs else ""))
+        for job in mine:
+            if str(job.path) in finished:
+                lines.append(f"    {job.suite}: finished record reused")
+                continue
+            n, how = _items(job, plan.ctx, history)
+            rates = [r["seconds"] / _n_of(r) for r in history
+                     if r.get("suite") == job.suite and _n_of(r) and r.get("seconds")]
+            rate = statistics.median(rates) if rates else None
+            est = n * rate if n is not None and rate is not None else None
+            limit = f"--limit {plan.ctx.limit} per subject/task" if plan.ctx.limit else "no --limit: all items"
+            lines.append(f"    {job.suite}: {n if n is not None else 'unknown number of'} items "
+                         f"({how}; {limit})"
+                         + (f", ~{_fmt_s(est)} at {rate:.2g} s/item from {len(rates)} earlier "
+                            f"record(s)" if est is not None else ""))
+            if est is not None:
+                total += est
+            else:
+                unknown.append(f"{method_name}/{job.suite}")
+            cpu = not plan.ctx.device.startswith("cuda")
+            if cpu and not plan.ctx.limit and (est is None or est > HOUR):
+                lines.append(f"    {job.suite}: WARNING on CPU every item of a full suite can take "
+                             f"hours; pass --limit N (N examples per subject/task) to bound it")
+    n_todo = sum(1 for j in jobs if str(j.path) not in finished)
+    echo(f"linbench: plan: {len(dict.fromkeys(j.method for j in jobs))} method(s) x "
+         f"{len(plan.suites)} suite(s) on {spec.name} ({plan.ctx.device}): {n_todo} record(s) "
+         f"to compute, {len(jobs) - n_todo} finished")
+    for line in lines:
+        echo(line)
+    basis = (f"from {len(history)} earlier record(s) of this model on this machine"
+             if history else "no earlier records of this model on this machine")
+    if defaults:
+        basis += (f"; recovery {'/'.join(sorted(defaults))} at a rough default rate "
+                  f"(SmolLM2-135M on an idle 2-core CPU)")
+    if unknown:
+        echo(f"  estimate: at least {_fmt_s(total)} ({basis}; not measured yet: "
+             f"{', '.join(unknown)})")
+    else:
+        echo(f"  estimate: ~{_fmt_s(total)} ({basis})")
+    return {"seconds": total, "unknown": unknown, "history": len(history)}
+
+
+def _is_finished(path) -> bool:
+    from linbench.records.store import parse
+    try:
+        rec, _ = parse(Path(path).read_text())
+    except OSError:
+        return False
+    return bool(rec) and rec.get("status") == "ok"
 
 
 def _run_one(job: Job, model, tokenizer, plan: RunPlan, spec, env: dict, stages) -> dict:
@@ -126,6 +369,11 @@ def _run_one(job: Job, model, tokenizer, plan: RunPlan, spec, env: dict, stages)
             details.update(r.details)
         status = "ok" if all(r.status == "ok" for r in records) else records[0].status
         extra = {}
+        bad = nonfinite(metrics)
+        if bad:  # a NaN perplexity is a failed measurement, never a result
+            status = "error"
+            extra = {"error": f"non-finite metric {', '.join(bad)} (the model's outputs are "
+                              f"NaN/Inf)"}
     except Exception as e:  # recorded, never a missing row; the CLI exits non-zero
         status, metrics, details = "error", {}, {}
         extra = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}

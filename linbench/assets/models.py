@@ -67,6 +67,29 @@ def check_architecture(config) -> None:
             f"{', '.join(SUPPORTED_ARCHS.values())} families)")
 
 
+def check_local_config(path: Path) -> None:
+    """A local model directory's config.json exists, is a JSON object and names a supported
+    model_type (one line naming the file otherwise; nothing is loaded)."""
+    cfg = path / "config.json"
+    choices = ", ".join(SUPPORTED_ARCHS)
+    if not cfg.is_file():
+        raise LinbenchError(f"model directory {path} has no config.json (not a Hugging Face "
+                            f"model directory)")
+    try:
+        data = json.loads(cfg.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise LinbenchError(f"model config {cfg} is unreadable: {e}") from None
+    except ValueError as e:
+        raise LinbenchError(f"model config {cfg} is not valid JSON: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise LinbenchError(f"model config {cfg} is not a JSON object")
+    if "model_type" not in data:
+        raise LinbenchError(f"model config {cfg} has no model_type (supported: {choices})")
+    if data["model_type"] not in SUPPORTED_ARCHS:
+        raise LinbenchError(f"model config {cfg}: unsupported model_type {data['model_type']!r} "
+                            f"(supported: {choices})")
+
+
 def _dir_hash(path: Path) -> str:
     """sha256 over the weight files of a local model (memoized by size and mtime)."""
     files = sorted(p for p in path.iterdir()
@@ -102,8 +125,14 @@ def resolve(name: str, revision: str | None = None) -> ModelSpec:
         if not path.is_dir():
             raise LinbenchError(f"model path {name!r} does not exist (give a directory, a hub "
                                 f"id, or one of: {', '.join(EMBEDDED)})")
+        check_local_config(path)
         from transformers import AutoConfig
-        check_architecture(AutoConfig.from_pretrained(path))
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except (OSError, ValueError, KeyError) as e:
+            raise LinbenchError(f"model config {path / 'config.json'} cannot be loaded: "
+                                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        check_architecture(config)
         return ModelSpec(name, "local", str(path.resolve()), _dir_hash(path))
     from transformers import AutoConfig
     try:

@@ -4,6 +4,10 @@ every later run, suite and process.
 
     <root>/<key>/model/   the finished, merged model (methods.io format)
     <root>/<key>/work/    stage checkpoints and optimizer state while recovering
+    <root>/<key>.lock     held (filelock) by the process recovering or reading that key
+
+Every model directory carries a manifest (recovery.manifest: sizes and sha256, written
+last); one that does not match it is moved aside and rebuilt, never loaded.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from pathlib import Path
 from linbench.assets import models
 from linbench.records import provenance
 from linbench.recovery import budget as budgets
+from linbench.recovery import manifest
 from linbench.recovery import stages
 
 _CORPORA: dict = {}
@@ -44,26 +49,71 @@ def checkpoint_dir(root, model_hash: str, method_config: dict, recovery: dict, d
     return base / key
 
 
+def lock(ckpt: Path, echo=print):
+    """The inter-process lock of one checkpoint key (filelock): a second identical run waits
+    here, then finds the first one's checkpoint and reuses it."""
+    from filelock import FileLock, Timeout
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    lk = FileLock(str(ckpt.with_name(ckpt.name + ".lock")))
+    try:
+        lk.acquire(timeout=0)
+    except Timeout:
+        echo(f"linbench: waiting for another linbench process using checkpoint {ckpt}")
+        lk.acquire()
+    return lk
+
+
+def cached(ckpt: Path, echo=print) -> Path | None:
+    """ckpt/model if it is complete and matches its manifest. A bad one is named in one
+    line and moved aside (never used), so the caller rebuilds it."""
+    final = ckpt / "model"
+    if not final.exists():
+        return None
+    why = manifest.problem(final)
+    if why is None:
+        return final
+    aside = manifest.set_aside(final)
+    echo(f"linbench: cached checkpoint {final} is bad ({why}); moved to {aside.name}, rebuilding")
+    return None
+
+
 def recovered(method, label: str, spec, ckpt: Path, *, budget: str, data: str, seed: int,
               dtype: str, device: str, progress: bool, echo=print):
-    """The linearized, recovered model and its tokenizer: from `ckpt`, or trained there."""
+    """The linearized, recovered model and its tokenizer: from `ckpt`, or trained there.
+    Holds the checkpoint key's lock throughout. A diverging recovery (train.NonFiniteLoss)
+    leaves nothing cached."""
+    lk = lock(ckpt, echo)
+    try:
+        final = cached(ckpt, echo)
+        if final is not None:
+            echo(f"[{label}] reusing recovered checkpoint {final}")
+            model = stages.load(final, models.torch_dtype(dtype), device)
+            return model, models.load_tokenizer(spec)
+        return _train(method, label, spec, ckpt, budget=budget, data=data, seed=seed,
+                      dtype=dtype, device=device, progress=progress, echo=echo)
+    finally:
+        lk.release()
+
+
+def _train(method, label, spec, ckpt: Path, *, budget, data, seed, dtype, device, progress, echo):
     from linbench.methods import io
-    final = ckpt / "model"
-    if (final / "config.json").exists():
-        echo(f"[{label}] reusing recovered checkpoint {final}")
-        model = stages.load(final, models.torch_dtype(dtype), device)
-        return model, models.load_tokenizer(spec)
+    from linbench.recovery.train import NonFiniteLoss
     model, tokenizer = models.load(spec, dtype, device)
     model = method.linearize(model)
     b = budgets.parse(budget)
     data_ = corpus(data, b.seqlen_for(method), seed)
     data_.tokenizer = tokenizer
     echo(f"[{label}] recovering on {data} (budget {b.name}) in {ckpt}")
-    model = stages.recover(method, model, data_, b, seed=seed, progress=progress,
-                           checkpoint_dir=ckpt / "work", echo=echo)
+    try:
+        model = stages.recover(method, model, data_, b, seed=seed, progress=progress,
+                               checkpoint_dir=ckpt / "work", echo=echo)
+    except NonFiniteLoss:
+        shutil.rmtree(ckpt / "work", ignore_errors=True)  # diverged: keep nothing of it
+        raise
     tmp = ckpt / "model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     io.save_pretrained(model, tmp)
-    os.replace(tmp, final)
+    manifest.write(tmp)  # last: a directory without a matching manifest is never used
+    os.replace(tmp, ckpt / "model")
     shutil.rmtree(ckpt / "work", ignore_errors=True)
     return model, tokenizer

@@ -1,4 +1,4 @@
-"""Recovery: the stages that give a linearized model back its quality (METHODS.md).
+"""Recovery: the stages that give a linearized model back its quality (methods/README.md, "Recovery").
 
     stage 1, attention transfer: every layer's frozen softmax attention (same q, k, v, same
         forward) is the teacher; only the method's new parameters train, on
@@ -14,7 +14,10 @@ Each stage: AdamW, gradient clipping at max_grad_norm (applied), validation ever
 eval interval on the held-out split, early stopping after `patience` evaluations without
 improvement, best weights kept; seeded; bf16 autocast on CUDA, fp32 on CPU.
 With a checkpoint_dir the training state is saved every few steps and each finished stage
-as a whole model, so an interrupted run continues where it stopped.
+as a whole model (with a manifest, recovery.manifest, checked before reuse), so an
+interrupted run continues where it stopped. A NaN/Inf training loss or gradient norm stops
+the stage (train.NonFiniteLoss); a stage whose best weights were its initial ones says so
+(stage dict "kept_initial", and a warning line).
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from pathlib import Path
 import torch
 
 from linbench.recovery import budget as budgets
+from linbench.recovery import manifest
 from linbench.recovery.train import Objective, Plan, evaluate, fit
 
 STAGES = ("transfer", "lora")
@@ -72,6 +76,8 @@ def recover(method, model, data, budget, *, seed: int = 0, progress: bool = Fals
     def tensors():
         if not cache:
             rows = max(budget.steps(s, seqlen) for s in STAGES) * budget.batch_size
+            if getattr(cfg, "init", "paper") == "calibrated":  # calibration rows too
+                rows = max(rows, -(-cfg.calibration_tokens // seqlen))
             cache["val"] = corpus.packed("val", max(1, budget.val_tokens // seqlen))
             cache["train"] = corpus.packed("train", max(rows, 1))
             corpus.release()
@@ -81,10 +87,20 @@ def recover(method, model, data, budget, *, seed: int = 0, progress: bool = Fals
         _claim(ckpt, {"method": method.config_dict(), "budget": budget.identity(),
                       "data": corpus.identity(), "seed": seed})
     todo = [s for s in STAGES if _wanted(s, method, model, budget)]
+    started = ckpt is not None and any((ckpt / s).exists() for s in STAGES)
+    if getattr(cfg, "init", "paper") == "calibrated" and todo and not started:
+        from linbench.recovery.calibrate import calibrate
+        info = calibrate(model, tensors()[0], cfg.calibration_tokens, budget.micro())
+        model.config.linbench = {**model.config.linbench, "calibration": info}
+        echo(f"recovery: calibrated init of {info['layers']} layers on {info['tokens']} tokens")
     stages: list[dict] = []
     for i, name in enumerate(todo):
         done_dir = ckpt / name if ckpt is not None else None
-        if done_dir is not None and (done_dir / "config.json").exists():
+        if done_dir is not None and done_dir.exists() and manifest.problem(done_dir):
+            why, aside = manifest.problem(done_dir), manifest.set_aside(done_dir)
+            echo(f"linbench: stage checkpoint {done_dir} is bad ({why}); moved to "
+                 f"{aside.name}, rerunning stage {name}")
+        if done_dir is not None and done_dir.exists():
             model = _reload(done_dir, model)
             stages = stages_of(model)
             echo(f"recovery: stage {name} already finished in {done_dir}")
@@ -98,6 +114,10 @@ def recover(method, model, data, budget, *, seed: int = 0, progress: bool = Fals
         echo(f"recovery: stage {name}, {plan.steps} steps of {budget.batch_size} x {seqlen} tokens")
         run = _transfer if name == "transfer" else _lora
         model, stage = run(cfg, model, *tensors(), plan)
+        if stage["kept_initial"]:
+            echo(f"recovery: WARNING stage {name} kept its initial weights: no validation "
+                 f"loss in its {stage['steps']} steps beat the starting one, so they were "
+                 f"thrown away (ppl_after == ppl_before; try a lower learning rate)")
         stages.append(stage)
         model.config.linbench = {**model.config.linbench, "recovery": list(stages)}
         if done_dir is not None:
@@ -151,7 +171,8 @@ def _finite(x: float) -> float | None:
 def _stage(name: str, res, ppl_before, ppl_after) -> dict:
     return {"stage": name, "tokens": res.tokens, "steps": res.steps, "seconds": round(res.seconds, 2),
             "final_loss": _finite(res.final_loss), "curve": res.curve, "val_curve": res.val_curve,
-            "ppl_before": ppl_before, "ppl_after": ppl_after, "stopped": res.stopped}
+            "ppl_before": ppl_before, "ppl_after": ppl_after, "stopped": res.stopped,
+            "kept_initial": res.steps > 0 and getattr(res, "best_step", None) == 0}
 
 
 @contextlib.contextmanager
@@ -233,6 +254,7 @@ def _save_stage(model, done_dir: Path) -> None:
     tmp = done_dir.with_name(done_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     io.save_pretrained(model, tmp)
+    manifest.write(tmp)
     shutil.rmtree(done_dir, ignore_errors=True)
     os.replace(tmp, done_dir)
 

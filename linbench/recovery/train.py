@@ -19,6 +19,16 @@ from typing import Callable
 import torch
 
 
+class NonFiniteLoss(RuntimeError):
+    """A training step produced a NaN/Inf loss or gradient norm: the stage is stopped."""
+
+    def __init__(self, stage: str, step: int, steps: int, what: str, value: float):
+        self.stage, self.step = stage, step
+        super().__init__(f"recovery stage {stage} diverged: {what} {value} at step {step} of "
+                         f"{steps}; stopped, nothing cached (lower the stage's learning rate "
+                         f"or loss weight)")
+
+
 @dataclass
 class StepInfo:
     """Handed to `on_step` after clipping, before the optimizer step."""
@@ -67,6 +77,7 @@ class Result:
     stopped: str = "budget"
     best_val: float = math.inf
     first_val: float = math.nan
+    best_step: int = 0       # the step whose weights were kept (0: the initial ones)
 
     @property
     def final_loss(self) -> float:
@@ -134,6 +145,7 @@ def fit(obj: Objective, model, train: torch.Tensor, val: torch.Tensor, plan: Pla
             res.first_val = v
         if v < res.best_val:
             res.best_val, best, bad = v, _snapshot(params), 0
+            res.best_step = step
         else:
             bad += 1
 
@@ -153,7 +165,13 @@ def fit(obj: Objective, model, train: torch.Tensor, val: torch.Tensor, plan: Pla
                 loss = obj.loss(chunk) * (chunk.shape[0] / rows.shape[0])
             loss.backward()
             loss_sum += float(loss.detach())
+        if not math.isfinite(loss_sum):
+            _close(bar)
+            raise NonFiniteLoss(obj.name, step + 1, plan.steps, "training loss", loss_sum)
         norm = _clip(plist, obj.max_grad_norm)
+        if not math.isfinite(norm):
+            _close(bar)
+            raise NonFiniteLoss(obj.name, step + 1, plan.steps, "gradient norm", norm)
         step += 1
         tokens = step * plan.batch * train.shape[1]
         if plan.on_step is not None:
@@ -180,6 +198,11 @@ def fit(obj: Objective, model, train: torch.Tensor, val: torch.Tensor, plan: Pla
     return res
 
 
+def _close(bar) -> None:
+    if bar is not None:
+        bar.close()
+
+
 def _clip(params, max_norm) -> float:
     """Clip the total gradient norm for real; return the norm before clipping."""
     if max_norm is None or max_norm <= 0:
@@ -198,7 +221,15 @@ def _bar(plan: Plan, start: int, name: str):
 def _load(path: Path | None):
     if path is None or not Path(path).exists():
         return None
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - a torn or corrupt state file: start the stage over
+        aside = Path(path).with_name(Path(path).name + ".corrupt")
+        os.replace(path, aside)
+        import sys
+        print(f"linbench: training state {path} is unreadable ({type(e).__name__}); moved to "
+              f"{aside.name}, restarting that stage", file=sys.stderr, flush=True)
+        return None
 
 
 def _save(path, params, opt, res, best, bad, step, finished) -> None:

@@ -1,4 +1,4 @@
-"""`linbench speed`: speed and memory of every method over sequence length (EVAL.md "speed").
+"""`linbench speed`: speed and memory of every method over sequence length (suites/README.md, "Speed").
 
     linbench speed --seqlen 2k..2M [--methods a,b] [--mode fwd,fwdbwd,prefill,decode]
 
@@ -159,6 +159,31 @@ class _Sweep:
                 self.echo(f"[speed] {name} {mode} T={fmt_len(T)}: {status} {msg}")
 
 
+def _announce(cfg: SpeedConfig, run, kernel_modes, model_modes, peers, echo) -> dict:
+    """Print the number of shapes and a time estimate before any runs (upper bound: every
+    shape at the time cap). The rate is the median seconds per shape of earlier speed
+    records on this device, else a rough default."""
+    import statistics
+    n_model = len([n for n in cfg.methods if n not in peers])
+    shapes = len(cfg.seqlens) * (len(cfg.methods) * len(kernel_modes) + n_model * len(model_modes))
+    history = [r for r in run.store.scan()[0] if r.get("suite") == SUITE
+               and r.get("device") == run.env["device"] and r.get("status") == "ok"
+               and isinstance(r.get("seconds"), (int, float))]
+    if history:
+        per, basis = statistics.median(r["seconds"] for r in history), \
+            f"median of {len(history)} earlier speed records on this device"
+    else:
+        per, basis = 3 * cfg.target_s + 1, "rough default: 3 timed loops + 1 s per shape"
+    est = shapes * per
+    fmt = lambda s: f"{s:.0f} s" if s < 90 else (f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h")  # noqa: E731
+    echo(f"[speed] plan: {shapes} shapes ({len(cfg.methods)} methods x {len(kernel_modes)} kernel "
+         f"modes + {n_model} x {len(model_modes)} model modes, x {len(cfg.seqlens)} lengths "
+         f"{fmt_len(cfg.seqlens[0])}..{fmt_len(cfg.seqlens[-1])}); estimate ~{fmt(est)} ({basis}), "
+         f"at most {fmt(shapes * cfg.time_cap)} at --time-cap {cfg.time_cap:g} s per shape; "
+         f"finished shapes are reused")
+    return {"shapes": shapes, "seconds": est}
+
+
 def sweep(cfg: SpeedConfig, echo=print, model: ModelSource | None = None) -> list[dict]:
     """Run (or reuse) every shape; returns the records in sweep order."""
     from linbench import registry
@@ -166,6 +191,7 @@ def sweep(cfg: SpeedConfig, echo=print, model: ModelSource | None = None) -> lis
     run = _Sweep(cfg, echo)
     kernel_modes = [m for m in cfg.modes if m in ("fwd", "fwdbwd")]
     model_modes = [m for m in cfg.modes if m in ("prefill", "decode")]
+    _announce(cfg, run, kernel_modes, model_modes, FLA_PEERS, echo)
     shape = {"batch": cfg.batch, "heads": cfg.heads, "dim": cfg.dim}
     for name in cfg.methods if kernel_modes else []:
         if name in FLA_PEERS:

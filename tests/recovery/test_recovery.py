@@ -3,6 +3,7 @@ stopping, and the runner's checkpoint cache -- on a tiny random Llama (seconds).
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 
@@ -135,7 +136,7 @@ def test_corpus_from_a_local_datasets_directory(tmp_path):
 def test_embedded_sharegpt_parses_element_by_element():
     c = Corpus("sharegpt")
     docs = c.documents()
-    assert len(docs) == 17_671  # the truncated file's complete conversations (EVAL.md)
+    assert len(docs) == 17_671  # the truncated file's complete conversations
     assert docs[0]["conversations"][0]["from"] == "human"
 
 
@@ -191,9 +192,10 @@ def test_attention_transfer_lowers_its_loss_and_trains_only_new_parameters(name,
     (stage,) = recovery.stages_of(model)
     assert stage["stage"] == "transfer" and stage["steps"] == 12 and stage["tokens"] == 1536
     assert set(stage) == {"stage", "tokens", "steps", "seconds", "final_loss", "curve", "val_curve",
-                          "ppl_before", "ppl_after", "stopped"}
+                          "ppl_before", "ppl_after", "stopped", "kept_initial"}
     assert len(stage["curve"]) == 12 and [t for t, _ in stage["val_curve"]] == [0, 512, 1024, 1536]
     assert stage["ppl_before"] > 1 and stage["ppl_after"] > 1 and stage["stopped"] == "budget"
+    assert stage["kept_initial"] is False
     after = transfer_loss(model, method, val)
     assert after < 0.97 * before, (before, after)
     for k, v in model.state_dict().items():
@@ -246,7 +248,12 @@ def test_every_recovering_method_runs_its_stages(name, dtype, corpus):
     expect = (["transfer"] if method.config.transfer else []) + ["lora"]
     stages = recovery.stages_of(model)
     assert [s["stage"] for s in stages] == expect
-    assert all(min(v for _, v in s["val_curve"]) <= s["val_curve"][0][1] for s in stages)
+    for s in stages:  # each stage improved on its start and kept its best evaluation
+        vals = [v for _, v in s["val_curve"]]
+        assert min(vals) < vals[0] and not s["kept_initial"], (s["stage"], vals)
+        if s["stage"] == "lora":  # ppl_after is the kept (best) weights' held-out ppl
+            assert s["ppl_after"] == pytest.approx(math.exp(min(vals)), rel=1e-6)
+            assert s["ppl_before"] == pytest.approx(math.exp(vals[0]), rel=1e-6)
     assert next(model.parameters()).dtype == dtype and not hasattr(model, "peft_config")
 
 
@@ -288,9 +295,15 @@ def test_early_stopping_on_rising_validation_loss_keeps_the_best_weights(corpus,
                if id(p) in {id(q) for q in new_parameters(model)}}
     rising = iter(range(100))
     monkeypatch.setattr(train, "evaluate", lambda *a, **k: 1.0 + 0.1 * next(rising))
-    model = recovery.recover(method, model, corpus, "smoke,transfer=2048,lora=0,eval=128,patience=2")
+    logs = []
+    model = recovery.recover(method, model, corpus, "smoke,transfer=2048,lora=0,eval=128,patience=2",
+                             echo=logs.append)
     (stage,) = recovery.stages_of(model)
     assert stage["stopped"] == "early_stop" and stage["steps"] == 2 and len(stage["val_curve"]) == 3
+    # the thrown-away stage says so, in the stage dict and in one output line
+    assert stage["kept_initial"] is True
+    (warning,) = [s for s in logs if "kept its initial weights" in s]
+    assert "transfer" in warning and "2 steps" in warning
     for n, p in model.named_parameters():
         if n in params0:
             assert torch.equal(p, params0[n]), n  # the step-0 weights were the best
