@@ -3,7 +3,7 @@
     python -m linbench.kernels.bench --seqlen 2k,8k,32k,128k,1M --batch 1 --heads 8 \
         --dim 64 --mode fwd [--impls linear,sdpa] [--cap-seconds 60] [--json out.json]
 
-Timing (EVAL.md "speed"): inputs are built outside the timed region; one warm-up call
+Timing (suites/README.md, "Speed"): inputs are built outside the timed region; one warm-up call
 (also the cap check), then a loop on the monotonic clock (time.perf_counter, with
 torch.cuda.synchronize around each call on GPU) reporting the median and the 20% / 80%
 quantiles. A shape whose first call, or whose extrapolated time (previous length of the

@@ -118,7 +118,7 @@ def _rel(a, b):
 
 
 def flops(op, mode, B, T, H, D):
-    """Forward FLOPs (EVAL.md): causal softmax 2 B T^2 H D; chunked linear with chunk C = 64
+    """Forward FLOPs (suites/README.md, "Speed"): causal softmax 2 B T^2 H D; chunked linear with chunk C = 64
     B T H (2 C (K + V) + 4 K V). None where no formula applies."""
     if mode != "fwd":
         return None

@@ -83,7 +83,7 @@ class LinearConfig(MethodConfig):
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     lora_lr: float = 1e-4
-    max_grad_norm: float = 1.0                 # applied for real (METHODS.md)
+    max_grad_norm: float = 1.0                 # applied for real (methods/README.md, "Recovery")
     seqlen: int = 1024                         # packed training sequence length
     weight_decay: float = 0.0
 

@@ -69,7 +69,7 @@ class MixerModule(nn.Module):
         super().__init__()
         self.mixer, self.heads, self.head_dim = mixer, heads, head_dim
 
-    flops_kind = "linear"  # EVAL.md's FLOP formula the speed sweep applies
+    flops_kind = "linear"  # the speed sweep's FLOP formula (suites/README.md, "Speed")
 
     def forward(self, q, k, v):
         B, T, H, D = q.shape

@@ -1,6 +1,6 @@
 """`swa` -- the sliding-window baseline: softmax over the last 64 keys only, training-free.
 
-Shows how much of a hybrid method's quality the window alone carries (METHODS.md)."""
+Shows how much of a hybrid method's quality the window alone carries (methods/README.md, swa)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,6 +1,6 @@
 """Result tables: one per comparability key, every method beside softmax and swa.
 
-Rows only share a table when their comparability key matches (EVAL.md, "Results and
+Rows only share a table when their comparability key matches (README.md, "Leaderboard: linbench
 report"): for quality suites the suite and its version, the evaluator (lm-eval) version,
 the base-model hash and the dtype; for speed records the device, the package versions,
 the level and the shape (batch, heads, dim, dtype). Other rows get their own table.

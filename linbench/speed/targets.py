@@ -11,7 +11,7 @@ outside the timed region, and the call does only the work being measured.
   (B = 1, cache built, last logits only); decode = one-token steps with the cache the
   model returned after a prefill of T tokens.
 
-Also the roofline numbers of the GPU rows: device peaks, FLOPs (EVAL.md) and bytes moved.
+Also the roofline numbers of the GPU rows: device peaks, FLOPs (suites/README.md, "Speed") and bytes moved.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ class Target:
     config: dict                             # hashed with every record (method config)
     prepare: Callable                        # (mode, T) -> (zero-argument call, tokens per call)
     state_bytes: Callable = lambda T: None   # (T) -> bytes of state / KV cache per sequence
-    flops_kind: str | None = None            # "softmax" | "linear" (EVAL.md FLOP formulas)
+    flops_kind: str | None = None            # "softmax" | "linear" (suites/README.md FLOP formulas)
     flops: Callable | None = None            # optional (batch, T, mode) -> FLOPs, from the mixer
     min_bytes: Callable = lambda mode, T: 0  # lower bound of the memory a shape needs
     info: dict = field(default_factory=dict)  # extra record details (shape of the model ...)
@@ -213,7 +213,7 @@ def device_peaks(name: str, dtype: torch.dtype) -> tuple[float | None, float | N
 
 
 def kernel_flops(kind: str, B: int, T: int, H: int, D: int, mode: str, chunk: int = 64) -> float:
-    """FLOPs of one call (EVAL.md): causal softmax forward 2*B*T^2*H*D; chunked linear
+    """FLOPs of one call (suites/README.md, "Speed"): causal softmax forward 2*B*T^2*H*D; chunked linear
     forward B*T*H*(2C(K+V) + 4KV) with chunk C (K = V = D). Backward: 2.5x forward for
     softmax (the FlashAttention-2 paper's count), 2x forward for the linear forms."""
     if kind == "softmax":

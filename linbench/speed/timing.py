@@ -2,7 +2,7 @@
 shapes predicted to time out or run out of memory. The timing loop is shared with
 `python -m linbench.kernels.bench`.
 
-Timing (EVAL.md "speed"): inputs are prepared by the caller outside the timed region; the
+Timing (suites/README.md, "Speed"): inputs are prepared by the caller outside the timed region; the
 first call is the warm-up and the time-cap check; then the median with 20% / 80% quantiles
 of a loop on the monotonic clock (CPU, with torch.cuda.synchronize around each call on a
 GPU) or of `triton.testing.do_bench` (GPU, CUDA events, L2 flushed between reps).

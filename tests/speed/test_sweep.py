@@ -256,7 +256,7 @@ def test_roofline_helpers():
     assert device_peaks("NVIDIA H100 PCIe", torch.float16)[1] == 2.0
     assert device_peaks("cpu: x86_64 x2 threads", torch.float32) == (None, None)
     B, T, H, D = 2, 4096, 8, 64
-    assert kernel_flops("softmax", B, T, H, D, "fwd") == 2 * B * T * T * H * D  # EVAL.md
+    assert kernel_flops("softmax", B, T, H, D, "fwd") == 2 * B * T * T * H * D  # suites/README.md, "Speed"
     fwd = kernel_flops("linear", B, T, H, D, "fwd", chunk=64)
     assert fwd == B * T * H * (2 * 64 * 128 + 4 * 64 * 64)
     assert kernel_flops("linear", B, T, H, D, "fwdbwd") == 3 * fwd
