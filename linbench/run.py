@@ -190,8 +190,7 @@ def _run_method(plan: RunPlan, spec, store: Store, env: dict, jobs: list, echo) 
     except (LinbenchError, KeyboardInterrupt):
         raise
     except Exception as e:  # noqa: BLE001 - a failed recovery is an error record per suite
-        message = f"{type(e).__name__}: {e}"
-        echo(f"linbench: {todo[0].method}: {message}")
+        message = f"{type(e).__name__}: {e}"  # printed once per record by the CLI
         for job in todo:
             record = _error_record(job, plan, spec, env, message, traceback.format_exc())
             store.write(job.path, record)

@@ -285,9 +285,10 @@ def test_unwritable_results_and_checkpoints_fail_before_any_work(env, tmp_path):
     assert "--results /proc/linbench-results: cannot write in /proc" in err
     blocker = tmp_path / "afile"
     blocker.write_text("x")
-    code, _, err = lb(*run_args(env, tmp_path / "r", blocker))
+    code, _, err = lb(*run_args(env, tmp_path / "r", blocker / "ckpt"))
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert f"--checkpoints {blocker} is a file, not a directory" in err
+    assert f"--checkpoints {blocker / 'ckpt'} is under {blocker}, which is a file" in err
+    assert blocker.read_text() == "x"
     _nothing_written(tmp_path / "r")
 
 
