@@ -13,11 +13,13 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from linbench.assets import manifest
 from linbench.errors import LinbenchError
 
 from linbench.assets.archs import SUPPORTED_ARCHS  # noqa: F401  (re-exported)
@@ -151,8 +153,16 @@ def _embedded(name: str) -> ModelSpec:
     gguf = data_file(entry["dist"], entry["gguf"])
     gguf_hash = sha256_file(gguf)
     target = cache_root() / "models" / f"{name}-{gguf_hash[:12]}"
-    if not (target / "linbench.json").exists():
-        convert_gguf(gguf, target, gguf_hash, hf_id=entry["hf_id"])
+    from filelock import FileLock
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target.with_name(target.name + ".lock"))):  # one converter at a time
+        why = manifest.problem(target) if target.exists() else None
+        if why:
+            aside = manifest.set_aside(target)
+            print(f"linbench: converted model {target} is bad ({why}); moved to {aside.name}, "
+                  f"converting again", file=sys.stderr, flush=True)
+        if not target.exists():
+            convert_gguf(gguf, target, gguf_hash, hf_id=entry["hf_id"])
     return ModelSpec(name, "embedded", str(target), gguf_hash, revision=entry["hf_id"])
 
 
@@ -179,6 +189,7 @@ def convert_gguf(gguf: Path, target: Path, gguf_hash: str, hf_id: str) -> None:
         meta = {"source_gguf": gguf.name, "gguf_sha256": gguf_hash, "hf_id": hf_id,
                 "seconds": round(time.time() - t0, 1)}
         (tmp / "linbench.json").write_text(json.dumps(meta, indent=1))
+        manifest.write(tmp)  # last: checked before every reuse
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)

@@ -6,7 +6,7 @@ every later run, suite and process.
     <root>/<key>/work/    stage checkpoints and optimizer state while recovering
     <root>/<key>.lock     held (filelock) by the process recovering or reading that key
 
-Every model directory carries a manifest (recovery.manifest: sizes and sha256, written
+Every model directory carries a manifest (assets.manifest: sizes and sha256, written
 last); one that does not match it is moved aside and rebuilt, never loaded.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 from linbench.assets import models
 from linbench.records import provenance
 from linbench.recovery import budget as budgets
-from linbench.recovery import manifest
+from linbench.assets import manifest
 from linbench.recovery import stages
 
 _CORPORA: dict = {}

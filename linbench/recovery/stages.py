@@ -14,7 +14,7 @@ Each stage: AdamW, gradient clipping at max_grad_norm (applied), validation ever
 eval interval on the held-out split, early stopping after `patience` evaluations without
 improvement, best weights kept; seeded; bf16 autocast on CUDA, fp32 on CPU.
 With a checkpoint_dir the training state is saved every few steps and each finished stage
-as a whole model (with a manifest, recovery.manifest, checked before reuse), so an
+as a whole model (with a manifest, assets.manifest, checked before reuse), so an
 interrupted run continues where it stopped. A NaN/Inf training loss or gradient norm stops
 the stage (train.NonFiniteLoss); a stage whose best weights were its initial ones says so
 (stage dict "kept_initial", and a warning line).
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from linbench.recovery import budget as budgets
-from linbench.recovery import manifest
+from linbench.assets import manifest
 from linbench.recovery.train import Objective, Plan, evaluate, fit
 
 STAGES = ("transfer", "lora")

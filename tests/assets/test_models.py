@@ -63,3 +63,35 @@ def test_an_unreachable_hub_id_is_one_line(monkeypatch):
     with pytest.raises(LinbenchError) as e:
         models.resolve("org/missing")
     assert "'org/missing'" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_bad_converted_embedded_model_is_set_aside_and_converted_again(tmp_path, monkeypatch, capsys):
+    """The embedded GGUF's safetensors cache carries a manifest like any checkpoint."""
+    from linbench.assets import manifest
+    monkeypatch.setenv("LINBENCH_CACHE", str(tmp_path))
+    conversions = []
+
+    def fake_convert(gguf, target, gguf_hash, hf_id):  # the real one takes ~18 s
+        target.mkdir(parents=True)
+        (target / "model.safetensors").write_bytes(b"w" * 4096)
+        (target / "linbench.json").write_text("{}")
+        manifest.write(target)
+        conversions.append(target)
+    monkeypatch.setattr(models, "convert_gguf", fake_convert)
+    spec = models.resolve("smollm2-135m")
+    target = tmp_path / "models" / f"smollm2-135m-{spec.file_hash[:12]}"
+    assert conversions == [target] and spec.path == str(target)
+    models.resolve("smollm2-135m")
+    assert len(conversions) == 1  # a good cache is reused
+    with open(target / "model.safetensors", "r+b") as f:
+        f.seek(100)
+        f.write(b"garbage")
+    capsys.readouterr()
+    models.resolve("smollm2-135m")
+    assert len(conversions) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"linbench: converted model {target} is bad (model.safetensors does "
+                           f"not match its sha256")
+    (aside,) = target.parent.glob(f"{target.name}.corrupt-*")
+    assert (aside / "model.safetensors").read_bytes()[100:107] == b"garbage"
+    assert manifest.problem(target) is None

@@ -209,7 +209,7 @@ def test_a_bad_checkpoint_is_named_set_aside_and_rebuilt(env, good, copy, damage
     assert len(lines_with(err, "recovering on")) == 1
     aside = list(copy["model_dir"].parent.glob("model.corrupt-*"))
     assert len(aside) == 1 and (aside[0] / "model.safetensors").exists()  # kept for inspection
-    from linbench.recovery import manifest
+    from linbench.assets import manifest
     assert manifest.problem(copy["model_dir"]) is None  # rebuilt, with a good manifest
     rec = strict(copy["path"])
     assert rec["status"] == "ok"
