@@ -187,5 +187,19 @@ class Commonsense(Suite):
             "commonsense": per_task,
             "seconds": round(seconds, 2),
             "seconds_per_doc": round(seconds / max(len(docs), 1), 4),
+            "items": task_items(docs, self.tasks),
         }
         return [Record(self.name, metrics, details)]
+
+
+def task_items(docs: Sequence[Doc], tasks: Sequence[str]) -> dict:
+    """Per-item outcomes of each task's metric (details["items"], for paired tests):
+    {task: {"ids": ["<task>/<row of the validation split>", ...], "values": [0/1]}}; "avg"
+    has none of its own (its components are the tasks)."""
+    out = {}
+    for task in tasks:
+        mine = [d for d in docs if d.task == task]
+        attr = TASKS[task].metric
+        out[task] = {"ids": [f"{task}/{d.index}" for d in mine],
+                     "values": [int(bool(getattr(d, attr))) for d in mine]}
+    return out

@@ -186,8 +186,29 @@ class MMLU5(Suite):
             "pred_counts": {LETTERS[k]: v for k, v in sorted(Counter(q.pred for q in questions).items())},
             "seconds": round(seconds, 2),
             "seconds_per_question": round(seconds / max(len(questions), 1), 4),
+            "items": self.items(questions, categories),
         }
         return [Record(self.name, self.aggregate(questions, categories), details)]
 
     def aggregate(self, questions: Sequence[Question], categories: dict[str, str]) -> dict:
         return aggregate(questions, categories)
+
+    def items(self, questions: Sequence[Question], categories: dict[str, str]) -> dict:
+        """Per-item outcomes of every metric (details["items"], for paired tests):
+        {metric: {"ids": ["<subject>/<row of the full test split>", ...], "values": [0/1]}}."""
+        return question_items(questions, categories, {"acc": "correct"})
+
+
+def question_items(questions: Sequence[Question], categories: dict[str, str],
+                   fields: dict[str, str]) -> dict:
+    """{metric: {"ids", "values"}} for `fields` ({metric: Question attribute}) over all
+    questions, and acc_<category> over each category's questions (as `aggregate`)."""
+    out = {name: {"ids": [f"{q.subject}/{q.index}" for q in questions],
+                  "values": [int(bool(getattr(q, attr))) for q in questions]}
+           for name, attr in fields.items()}
+    for cat in CATEGORIES:
+        mine = [q for q in questions if categories[q.subject] == cat]
+        if mine:
+            out[f"acc_{cat}"] = {"ids": [f"{q.subject}/{q.index}" for q in mine],
+                                 "values": [int(q.correct) for q in mine]}
+    return out

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from linbench.suites import lmeval
-from linbench.suites.mmlu5 import CATEGORIES, MMLU5, Question
+from linbench.suites.mmlu5 import CATEGORIES, MMLU5, Question, question_items
 
 
 def description(subject: str) -> str:
@@ -42,3 +42,7 @@ class MMLUCloze(MMLU5):
             if values:
                 metrics[f"acc_{cat}"] = lmeval.binomial_metric(values)
         return metrics
+
+    def items(self, questions: Sequence[Question], categories: dict[str, str]) -> dict:
+        """As mmlu5's, plus acc_norm: {metric: {"ids": ["<subject>/<row>"], "values"}}."""
+        return question_items(questions, categories, {"acc": "correct", "acc_norm": "correct_norm"})

@@ -27,6 +27,7 @@ import math
 import time
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -60,17 +61,39 @@ def score_tokens(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(nll).view(shape), torch.cat(hit).view(shape)
 
 
-def wiki_windows(tokenizer, docs: Sequence[str], context: int) -> list[list[int]]:
-    """Documents joined by EOS into one stream, cut into windows of `context` tokens."""
+def wiki_windows(tokenizer, docs: Sequence[str], context: int, owners: bool = False):
+    """Documents joined by EOS into one stream, cut into windows of `context` tokens.
+
+    owners=True: (windows, owners), owners[k][t] the index in `docs` of the document that
+    token t of window k belongs to (a separator belongs to the document after it).
+    """
     if context < 2:
         raise ValueError(f"context must be at least 2 tokens, got {context}")
     sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else \
         tokenizer("\n\n", add_special_tokens=False).input_ids
     stream: list[int] = []
+    owner: list[int] = []
     for i, ids in enumerate(tokenizer(list(docs), add_special_tokens=False).input_ids):
-        stream += (sep if i else []) + ids
-    windows = [stream[s:s + context] for s in range(0, len(stream), context)]
-    return [w for w in windows if len(w) >= 2]
+        piece = (sep if i else []) + ids
+        stream += piece
+        owner += [i] * len(piece)
+    starts = [s for s in range(0, len(stream), context) if len(stream) - s >= 2]
+    windows = [stream[s:s + context] for s in starts]
+    return (windows, [owner[s:s + context] for s in starts]) if owners else windows
+
+
+def wiki_doc_ids(docs: Sequence[str]) -> list[str]:
+    """Stable ids of Wikipedia lead paragraphs: "wiki/<article title>" (leads are unique)."""
+    title = {lead: t for t, lead in text.wiki_articles()}
+    return [f"wiki/{title[d]}" for d in docs]
+
+
+def lambada_doc_ids(seed: int, n: int | None) -> list[str]:
+    """Stable ids of text.lambada_selection(seed, n): "lambada/<index in the test split>"
+    (the same seeded permutation; the split holds duplicate passages, so not by text)."""
+    data = text.lambada()
+    order = text.stable_rng(seed, "lambada").permutation(len(data))
+    return [f"lambada/{i}" for i in order[: n if n is not None else len(data)]]
 
 
 def lambada_ids(tokenizer, passage: text.LambadaPassage) -> tuple[list[int], int]:
@@ -117,46 +140,62 @@ class Perplexity(Suite):
         return {"limit": ctx.limit, "seed": ctx.seed, "context": self.context,
                 "wiki_docs": wiki, "lambada_docs": lamb}
 
-    def wiki(self, model, tokenizer, ctx: RunContext) -> tuple[float, int, int]:
-        """(total NLL, tokens scored, windows) over the held-out Wikipedia windows."""
+    def wiki(self, model, tokenizer, ctx: RunContext) -> tuple[float, int, int, dict]:
+        """(total NLL, tokens scored, windows, per-document items) over the held-out
+        Wikipedia windows; items: {"ids", "nll": summed NLL, "tokens": tokens scored}, each
+        scored token counted for the document it belongs to."""
         docs = text.wiki_selection(ctx.seed, self.counts(ctx)[0])
-        windows = wiki_windows(tokenizer, docs, self.context)
+        windows, owners = wiki_windows(tokenizer, docs, self.context, owners=True)
         groups: dict[int, list] = {}
-        for w in windows:  # full windows batch together; a short last one goes alone
-            groups.setdefault(len(w), []).append(w)
+        for k, w in enumerate(windows):  # full windows batch together; a short last one alone
+            groups.setdefault(len(w), []).append(k)
         batches = [b for g in groups.values() for b in _batches(g, ctx.batch_size)]
         total, count = 0.0, 0
+        doc_nll, doc_tok = np.zeros(len(docs)), np.zeros(len(docs), dtype=np.int64)
         for batch in _progress(batches, ctx, "ppl wiki"):
-            nll, _ = score_tokens(model, torch.tensor(batch, device=model.device))
-            total += nll.double().sum().item()
+            nll, _ = score_tokens(model, torch.tensor([windows[k] for k in batch],
+                                                      device=model.device))
+            nll = nll.double()
+            total += nll.sum().item()
             count += nll.numel()
-        return total, count, len(windows)
+            for row, k in enumerate(batch):  # token t+1 of the window is scored at t
+                who = np.asarray(owners[k][1:])
+                doc_nll += np.bincount(who, weights=nll[row].cpu().numpy(), minlength=len(docs))
+                doc_tok += np.bincount(who, minlength=len(docs))
+        items = {"ids": wiki_doc_ids(docs), "nll": doc_nll.tolist(),
+                 "tokens": [int(t) for t in doc_tok]}
+        return total, count, len(windows), items
 
-    def lambada(self, model, tokenizer, ctx: RunContext) -> tuple[float, int, list[float]]:
-        """(total NLL, tokens scored, per-passage 0/1 last-word hits)."""
+    def lambada(self, model, tokenizer, ctx: RunContext
+                ) -> tuple[float, int, list[float], list[float], list[int]]:
+        """(total NLL, tokens scored, per-passage 0/1 last-word hits, per-passage summed
+        NLL, per-passage tokens scored)."""
         passages = text.lambada_selection(ctx.seed, self.counts(ctx)[1])
         encoded = [lambada_ids(tokenizer, p) for p in passages]
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))  # less padding
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         hits = [0.0] * len(encoded)
+        doc_nll, doc_tok = [0.0] * len(encoded), [0] * len(encoded)
         total, count = 0.0, 0
         for idx in _progress(_batches(order, ctx.batch_size), ctx, "ppl lambada"):
             batch = _pad_right([encoded[i][0] for i in idx], pad, model.device)  # (B, T)
             nll, hit = score_tokens(model, batch)
             for row, i in enumerate(idx):
                 ids, n_ctx = encoded[i]
-                total += nll[row, :len(ids) - 1].double().sum().item()
+                doc_nll[i] = nll[row, :len(ids) - 1].double().sum().item()
+                doc_tok[i] = len(ids) - 1
+                total += doc_nll[i]
                 count += len(ids) - 1
                 hits[i] = float(bool(hit[row, n_ctx - 1:len(ids) - 1].all()))
-        return total, count, hits
+        return total, count, hits, doc_nll, doc_tok
 
     def run(self, model, tokenizer, ctx: RunContext) -> list[Record]:
         t0 = time.perf_counter()
         was_training = model.training
         model.eval()
         try:
-            w_nll, w_tok, w_windows = self.wiki(model, tokenizer, ctx)
-            l_nll, l_tok, hits = self.lambada(model, tokenizer, ctx)
+            w_nll, w_tok, w_windows, w_items = self.wiki(model, tokenizer, ctx)
+            l_nll, l_tok, hits, l_doc_nll, l_doc_tok = self.lambada(model, tokenizer, ctx)
         finally:
             model.train(was_training)
         metrics = {
@@ -165,12 +204,19 @@ class Perplexity(Suite):
             "lambada_acc": binomial_metric(hits),
         }
         wiki_docs, lambada_docs = self.counts(ctx)
+        l_ids = lambada_doc_ids(ctx.seed, lambada_docs)
+        # per-item outcomes for paired tests: perplexities per document (summed NLL and
+        # tokens scored: ppl = exp(sum nll / sum tokens)), lambada_acc per passage
+        items = {"ppl_wiki": w_items,
+                 "ppl_lambada": {"ids": l_ids, "nll": l_doc_nll, "tokens": l_doc_tok},
+                 "lambada_acc": {"ids": l_ids, "values": [int(h) for h in hits]}}
         details = {
             "context": self.context,
             "wiki": {"docs": wiki_docs, "windows": w_windows, "tokens": w_tok,
                      "nll": w_nll / max(w_tok, 1)},
             "lambada": {"passages": len(hits), "tokens": l_tok, "nll": l_nll / max(l_tok, 1)},
             "seconds": round(time.perf_counter() - t0, 2),
+            "items": items,
         }
         return [Record(self.name, metrics, details)]
 

@@ -251,31 +251,51 @@ class Recall(Suite):
         plan = self.plan(model, tokenizer, ctx)
         metrics, details = {}, {"window": window, "lengths": self.grid_lengths(model),
                                 "depths": self.depths, "samples": self.per_point(ctx)[0]}
+        items = {}  # per-prompt 0/1 outcomes of every metric, for paired tests
         was_training = model.training
         model.eval()
         try:
             for task, points in plan.items():
                 bar = tqdm(total=sum(len(ps) for _, ps in points), desc=f"recall {task}",
                            disable=not ctx.progress, leave=False)
-                cells, hits, flags = [], [], []
+                cells, hits, flags, ids = [], [], [], []
                 for point, prompts in points:
                     cell, got, inside = self._point(task, point, prompts, model, tokenizer,
                                                     window, bar)
                     cells.append(cell)
                     hits += got
                     flags += inside
+                    ids += self.item_ids(task, point, len(prompts), ctx)
                 bar.close()
                 metrics[task] = binomial_metric(hits)
+                items[task] = {"ids": ids, "values": [int(h) for h in hits]}
                 if task in ("passkey", "needle"):
                     for suffix, want in (("in_window", True), ("out_window", False)):
                         sel = [h for h, f in zip(hits, flags) if f is want]
                         if sel:
                             metrics[f"{task}_{suffix}"] = binomial_metric(sel)
+                            items[f"{task}_{suffix}"] = {
+                                "ids": [i for i, f in zip(ids, flags) if f is want],
+                                "values": [int(h) for h in sel]}
                 details[task] = cells[0] if task == "squad" else cells
         finally:
             model.train(was_training)
         details["seconds"] = round(time.perf_counter() - t0, 2)
+        details["items"] = items
         return [Record(self.name, metrics, details)]
+
+    def item_ids(self, task: str, point: dict, n: int, ctx: RunContext) -> list[str]:
+        """Stable ids of a grid point's `n` prompts, in plan order: passkey/needle
+        "L<length>/d<depth>/s<sample>", kv "P<pairs>/s<sample>/q<query>", squad
+        "squad/<question id>"."""
+        if task in ("passkey", "needle"):
+            return [f"L{point['length']}/d{point['depth']:g}/s{s}" for s in range(n)]
+        if task == "kv":
+            q = min(self.kv_queries, point["pairs"])
+            return [f"P{point['pairs']}/s{j // q}/q{j % q}" for j in range(n)]
+        qs = text.squad_selection(ctx.seed, self.per_point(ctx)[1])
+        assert len(qs) == n, (len(qs), n)
+        return [f"squad/{q.id}" for q in qs]
 
     @staticmethod
     def _point(task, point, prompts, model, tokenizer, window, bar):

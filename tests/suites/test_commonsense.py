@@ -215,6 +215,18 @@ def test_run_end_to_end_matches_a_hand_loop(smol_tokenizer, no_network, tmp_path
 
     assert len(seen) == 15
     selected = {t: task_rows(t, 3, 5) for t in TASKS}
+    # per-item outcomes (paired tests): each task's reported metric (acc or acc_norm) per
+    # doc, ids "<task>/<row>"; the metrics are their means, "avg" the mean of those means
+    items = d["items"]
+    assert set(items) == set(TASKS)
+    for task in TASKS:
+        mine = [doc for doc in seen if doc.task == task]
+        assert items[task]["ids"] == [f"{task}/{r}" for r in selected[task]]
+        assert items[task]["values"] == [int(getattr(doc, TASKS[task].metric)) for doc in mine]
+        assert np.mean(items[task]["values"]) == pytest.approx(record.metrics[task].value,
+                                                               abs=1e-12)
+    assert np.mean([np.mean(items[t]["values"]) for t in TASKS]) == pytest.approx(
+        record.metrics["avg"].value, abs=1e-12)
     for doc in seen:
         assert doc.index in selected[doc.task]
         row = read_split(doc.task).slice(doc.index, 1).to_pylist()[0]

@@ -194,6 +194,19 @@ def test_run_end_to_end_matches_a_hand_loop(smol_tokenizer, no_network, tmp_path
         hits.append(float(q.pred == q.gold))
     assert record.metrics["acc"].value == pytest.approx(np.mean(hits))
 
+    # per-item outcomes (paired tests): one 0/1 per question, ids "<subject>/<row>",
+    # and every metric equals the mean of its items
+    items = d["items"]
+    assert set(items) == set(record.metrics)
+    assert items["acc"]["ids"] == [f"{q.subject}/{q.index}" for q in seen]
+    assert items["acc"]["values"] == [int(h) for h in hits]
+    assert items["acc_stem"]["ids"] == [f"{q.subject}/{q.index}" for q in seen
+                                        if q.subject != "us_foreign_policy"]
+    for name, m in record.metrics.items():
+        assert len(set(items[name]["ids"])) == len(items[name]["values"]) == m.n
+        assert all(v in (0, 1) for v in items[name]["values"])
+        assert np.mean(items[name]["values"]) == pytest.approx(m.value, abs=1e-12)
+
 
 def test_unknown_subject_is_a_clear_error():
     from linbench.errors import LinbenchError

@@ -86,3 +86,14 @@ def test_run_end_to_end_matches_a_hand_loop(smol_tokenizer, no_network, tmp_path
     assert record.metrics["acc"].n == 6 and record.metrics["acc_norm"].n == 6
     assert record.metrics["acc"].value == pytest.approx(np.mean(acc))
     assert record.metrics["acc_norm"].value == pytest.approx(np.mean(acc_norm))
+    # per-item outcomes (paired tests), in (subject, row) order, their means the metrics
+    items = record.details["items"]
+    assert set(items) == set(record.metrics)
+    ids = [f"{s}/{r}" for s in SUBJECTS
+           for r in select_rows(read_split(s, "test").column("answer").to_pylist(), 2, 3, s)]
+    assert items["acc"]["ids"] == items["acc_norm"]["ids"] == ids
+    assert items["acc"]["values"] == [int(x) for x in acc]
+    assert items["acc_norm"]["values"] == [int(x) for x in acc_norm]
+    for name, m in record.metrics.items():
+        assert len(items[name]["values"]) == m.n
+        assert np.mean(items[name]["values"]) == pytest.approx(m.value, abs=1e-12)

@@ -41,6 +41,12 @@ def test_wiki_windows(smol_tokenizer):
     assert stream == expect  # non-overlapping, nothing dropped, EOS between documents
     assert all(len(w) == 64 for w in windows[:-1]) and 2 <= len(windows[-1]) <= 64
     assert stream.count(tok.eos_token_id) == 4
+    same, owners = wiki_windows(tok, docs, 64, owners=True)
+    assert same == windows and [len(o) for o in owners] == [len(w) for w in windows]
+    owner = sum(owners, [])
+    assert owner == sorted(owner) and set(owner) == set(range(5))
+    for i, d in enumerate(docs):  # a document owns its tokens and the separator before it
+        assert owner.count(i) == len(tok(d, add_special_tokens=False).input_ids) + (i > 0)
 
 
 def test_lambada_split(smol_tokenizer):
@@ -87,6 +93,25 @@ def hand_numbers(model, tok, docs, passages, context):
             sum(acc) / len(acc))
 
 
+def hand_wiki_docs(model, tok, docs, context):
+    """Per document: the summed NLL and count of the scored tokens that belong to it (a
+    separator EOS belongs to the document after it), from full-logit window forwards."""
+    stream, owner = [], []
+    for i, d in enumerate(docs):
+        piece = ([tok.eos_token_id] if i else []) + tok(d, add_special_tokens=False).input_ids
+        stream += piece
+        owner += [i] * len(piece)
+    nll, count = [0.0] * len(docs), [0] * len(docs)
+    for s in range(0, len(stream), context):
+        ids = stream[s:s + context]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+        for t in range(1, len(ids)):
+            nll[owner[s + t]] -= logp[t - 1, ids[t]].item()
+            count[owner[s + t]] += 1
+    return nll, count
+
+
 def test_tiny_model_equals_hand_loop(smol_tokenizer):
     model = make_tiny_llama(seed=1)
     ctx = RunContext(limit=6, seed=11, batch_size=4, progress=False)
@@ -94,6 +119,29 @@ def test_tiny_model_equals_hand_loop(smol_tokenizer):
     (rec,) = suite.run(model, smol_tokenizer, ctx)
     w, wn, lp, ln, acc = hand_numbers(model, smol_tokenizer, text.wiki_selection(11, 6),
                                       text.lambada_selection(11, 6), 96)
+    # per-item outcomes (paired tests): per document summed NLL and tokens scored, so that
+    # exp(sum nll / sum tokens) is the reported perplexity; lambada_acc per passage
+    items = rec.details["items"]
+    assert set(items) == {"ppl_wiki", "ppl_lambada", "lambada_acc"}
+    for name in ("ppl_wiki", "ppl_lambada"):
+        it = items[name]
+        assert len(it["ids"]) == len(set(it["ids"])) == len(it["nll"]) == len(it["tokens"]) == 6
+        assert sum(it["tokens"]) == rec.metrics[name].n
+        assert math.exp(sum(it["nll"]) / sum(it["tokens"])) == pytest.approx(
+            rec.metrics[name].value, rel=1e-9)
+    titles = {lead: t for t, lead in text.wiki_articles()}
+    assert items["ppl_wiki"]["ids"] == [f"wiki/{titles[d]}" for d in text.wiki_selection(11, 6)]
+    nll, count = hand_wiki_docs(model, smol_tokenizer, text.wiki_selection(11, 6), 96)
+    assert items["ppl_wiki"]["tokens"] == count
+    assert items["ppl_wiki"]["nll"] == pytest.approx(nll, rel=1e-4)
+    passages = text.lambada()
+    assert [passages[int(i.split("/")[1])] for i in items["ppl_lambada"]["ids"]] == \
+        text.lambada_selection(11, 6)
+    assert items["lambada_acc"]["ids"] == items["ppl_lambada"]["ids"]
+    assert items["ppl_lambada"]["tokens"] == [len(lambada_ids(smol_tokenizer, p)[0]) - 1
+                                              for p in text.lambada_selection(11, 6)]
+    assert set(items["lambada_acc"]["values"]) <= {0, 1}
+    assert sum(items["lambada_acc"]["values"]) / 6 == rec.metrics["lambada_acc"].value
     m = rec.metrics
     assert m["ppl_wiki"].n == wn and m["ppl_lambada"].n == ln and m["lambada_acc"].n == 6
     assert m["ppl_wiki"].value == pytest.approx(w, rel=1e-4)

@@ -183,6 +183,18 @@ def test_tiny_run_record_shape(smol_tokenizer):
     assert d["squad"]["n"] == 1 and rec.metrics["squad"].n == 1
     for m in rec.metrics.values():
         assert 0.0 <= m.value <= 1.0
+    # per-item outcomes (paired tests): one 0/1 per prompt under a stable id; every
+    # metric is the mean of its items
+    items = d["items"]
+    assert set(items) == set(rec.metrics)
+    for name, m in rec.metrics.items():
+        it = items[name]
+        assert len(it["ids"]) == len(set(it["ids"])) == len(it["values"]) == m.n
+        assert set(it["values"]) <= {0, 1} and sum(it["values"]) / m.n == m.value
+    assert items["passkey"]["ids"] == ["L128/d0/s0", "L128/d1/s0", "L256/d0/s0", "L256/d1/s0"]
+    assert items["kv"]["ids"] == [f"P{p}/s0/q{q}" for p in (4, 8) for q in range(3)]
+    assert items["squad"]["ids"] == [f"squad/{text.squad_selection(3, 1)[0].id}"]
+    assert items["passkey"]["values"] == [int(c["acc"]) for c in d["passkey"]]
 
 
 def test_window_flags_and_oracle(smol_tokenizer, monkeypatch):
@@ -205,6 +217,9 @@ def test_window_flags_and_oracle(smol_tokenizer, monkeypatch):
         flags = {c["depth"]: c["in_window"] for c in rec.details[task]}
         assert flags == {0.0: False, 1.0: True}
         assert rec.metrics[f"{task}_in_window"].n == 2 and rec.metrics[f"{task}_out_window"].n == 2
+        # the in/out-of-window items are the cells' prompts on either side of the window
+        assert rec.details["items"][f"{task}_out_window"]["ids"] == ["L128/d0/s0", "L256/d0/s0"]
+        assert rec.details["items"][f"{task}_in_window"]["ids"] == ["L128/d1/s0", "L256/d1/s0"]
     (rec0,) = _tiny_run(smol_tokenizer, window=0)
     assert rec0.details["window"] == 0
     assert not any(c["in_window"] for c in rec0.details["passkey"] + rec0.details["needle"])
