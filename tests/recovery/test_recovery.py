@@ -289,6 +289,38 @@ def test_interrupted_run_resumes_to_identical_weights(corpus, tmp_path):
         recovery.recover(method, model, corpus, spec + ",lora=1024", checkpoint_dir=ckpt)
 
 
+def test_a_bad_stage_checkpoint_or_state_file_is_redone_not_trusted(corpus, tmp_path):
+    """Resuming after damage to the finished transfer stage (garbage in its weights) and to
+    the LoRA training state ends with the weights of a run that never stopped."""
+    spec = "smoke,transfer=512,lora=512,eval=256,save=2"
+    method, model = linearized("lolcats", lora_lr=1e-3)
+    full = recovery.recover(method, model, corpus, spec, checkpoint_dir=tmp_path / "a")
+    ckpt = tmp_path / "b"
+
+    def stop(info):
+        if info.stage == "lora" and info.step == 3:
+            raise Interrupt
+    method, model = linearized("lolcats", lora_lr=1e-3)
+    with pytest.raises(Interrupt):
+        recovery.recover(method, model, corpus, spec, checkpoint_dir=ckpt, on_step=stop)
+    weights = ckpt / "transfer" / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.seek(weights.stat().st_size // 2)
+        f.write(b"\xff" * 64)
+    (ckpt / "lora.state.pt").write_bytes(b"torn")
+    logs = []
+    method, model = linearized("lolcats", lora_lr=1e-3)
+    resumed = recovery.recover(method, model, corpus, spec, checkpoint_dir=ckpt, echo=logs.append)
+    (line,) = [s for s in logs if "is bad" in s]
+    assert f"stage checkpoint {ckpt / 'transfer'} is bad (model.safetensors does not match" in line
+    assert "rerunning stage transfer" in line
+    assert (ckpt / "lora.state.pt.corrupt").read_bytes() == b"torn"
+    assert len(list(ckpt.glob("transfer.corrupt-*"))) == 1
+    ref = full.state_dict()
+    for k, v in resumed.state_dict().items():
+        assert torch.equal(v, ref[k]), k
+
+
 def test_early_stopping_on_rising_validation_loss_keeps_the_best_weights(corpus, monkeypatch):
     method, model = linearized("lolcats")
     params0 = {n: p.detach().clone() for n, p in model.named_parameters()
