@@ -186,14 +186,14 @@ class MMLU5(Suite):
             "pred_counts": {LETTERS[k]: v for k, v in sorted(Counter(q.pred for q in questions).items())},
             "seconds": round(seconds, 2),
             "seconds_per_question": round(seconds / max(len(questions), 1), 4),
-            "items": self.items(questions, categories),
+            "items": self.item_outcomes(questions, categories),
         }
         return [Record(self.name, self.aggregate(questions, categories), details)]
 
     def aggregate(self, questions: Sequence[Question], categories: dict[str, str]) -> dict:
         return aggregate(questions, categories)
 
-    def items(self, questions: Sequence[Question], categories: dict[str, str]) -> dict:
+    def item_outcomes(self, questions: Sequence[Question], categories: dict[str, str]) -> dict:
         """Per-item outcomes of every metric (details["items"], for paired tests):
         {metric: {"ids": ["<subject>/<row of the full test split>", ...], "values": [0/1]}}."""
         return question_items(questions, categories, {"acc": "correct"})

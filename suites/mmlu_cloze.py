@@ -43,6 +43,6 @@ class MMLUCloze(MMLU5):
                 metrics[f"acc_{cat}"] = lmeval.binomial_metric(values)
         return metrics
 
-    def items(self, questions: Sequence[Question], categories: dict[str, str]) -> dict:
+    def item_outcomes(self, questions: Sequence[Question], categories: dict[str, str]) -> dict:
         """As mmlu5's, plus acc_norm: {metric: {"ids": ["<subject>/<row>"], "values"}}."""
         return question_items(questions, categories, {"acc": "correct", "acc_norm": "correct_norm"})
