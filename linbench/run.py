@@ -257,94 +257,92 @@ def _n_of(record: dict) -> int | None:
 
 
 def announce(plan: RunPlan, spec, store: Store, jobs: list, echo) -> dict:
-    """Print what will run (items per suite, recovery steps per method) and an estimate of
+    """Print what will run (recovery steps per method, items per suite) and an estimate of
     the time on this machine from the rates measured by earlier records of the same model
-    and device; returns the numbers (for tests)."""
+    and device (or a stated rough default); returns the numbers (for tests)."""
     from linbench.recovery import budget as budgets
+    from linbench.recovery import cache
     history, _ = store.scan()
     device = provenance.device_name(plan.ctx.device)
     history = [r for r in history if r.get("device") == device and r.get("status") == "ok"
                and r.get("model", {}).get("file_hash") == spec.file_hash]
-    finished = {str(j.path) for j in jobs if not plan.force and _is_finished(j.path)}
+    cpu = not plan.ctx.device.startswith("cuda")
+    todo = [j for j in jobs if plan.force or not _is_finished(j.path)]
     b = budgets.parse(plan.budget)
-    total, unknown, lines, defaults = 0.0, [], [], set()
-    # recovery: seconds per training token by stage, from earlier records' stage dicts
-    stage_rate = {}
+    total, unknown, defaults, lines = 0.0, [], set(), []
+    stage_rate = {}  # seconds per training token, by stage, from earlier records' stage dicts
     for name in ("transfer", "lora"):
         rows = [(s["seconds"], s["tokens"]) for r in history for s in r.get("recovery") or []
-                if s.get("stage") == name and s.get("tokens")]
+                if s.get("stage") == name and s.get("tokens") and s.get("seconds") is not None]
         if rows:
-            stage_rate[name] = (sum(a for a, _ in rows) / sum(t for _, t in rows), len(rows))
-    from linbench.recovery import cache
-    for method_name in dict.fromkeys(j.method for j in jobs):
-        mine = [j for j in jobs if j.method == method_name]
-        if all(str(j.path) in finished for j in mine):
-            lines.append(f"  {method_name}: every record finished (reused)")
+            stage_rate[name] = sum(a for a, _ in rows) / sum(t for _, t in rows)
+    for method_name in dict.fromkeys(j.method for j in todo):
+        job = next(j for j in todo if j.method == method_name)
+        m = job.method_obj
+        if not m.needs_recovery():
+            lines.append(f"  {method_name}: no recovery")
             continue
-        m = mine[0].method_obj
-        if m.needs_recovery():
-            seqlen = b.seqlen_for(m)
-            parts, secs = [], 0.0
-            cached = cache.checkpoint_dir(plan.checkpoints, spec.file_hash, mine[0].config["method"],
-                                          mine[0].config["recovery"], plan.ctx.dtype) / "model"
-            for name in ("transfer", "lora"):
-                steps = b.steps(name, seqlen)
-                if not steps or (name == "transfer" and not getattr(m.config, "transfer", None)):
-                    continue
-                parts.append(f"{name} {steps} steps")
-                tokens = steps * b.batch_size * seqlen
-                if name in stage_rate:
-                    secs += stage_rate[name][0] * tokens
-                elif not plan.ctx.device.startswith("cuda"):
-                    secs += tokens / DEFAULT_CPU_TOKENS_PER_S[name]
-                    defaults.add(name)
-                else:
-                    unknown.append(f"{method_name} {name}")
-            if cached.exists():
-                lines.append(f"  {method_name}: recovered checkpoint cached, no training")
-            else:
-                total += secs
-                lines.append(f"  {method_name}: recovery {', '.join(parts)} of {b.batch_size} x "
-                             f"{seqlen} tokens (budget {b.name})"
-                             + (f", ~{_fmt_s(secs)}" if secs else ""))
-        for job in mine:
-            if str(job.path) in finished:
-                lines.append(f"    {job.suite}: finished record reused")
+        ckpt = cache.checkpoint_dir(plan.checkpoints, spec.file_hash, job.config["method"],
+                                    job.config["recovery"], plan.ctx.dtype)
+        if (ckpt / "model").exists():
+            lines.append(f"  {method_name}: recovered checkpoint cached ({ckpt}), no training")
+            continue
+        seqlen, parts, secs = b.seqlen_for(m), [], 0.0
+        for name in ("transfer", "lora"):
+            steps = b.steps(name, seqlen)
+            if not steps or (name == "transfer" and not getattr(m.config, "transfer", None)):
                 continue
-            n, how = _items(job, plan.ctx, history)
-            rates = [r["seconds"] / _n_of(r) for r in history
-                     if r.get("suite") == job.suite and _n_of(r) and r.get("seconds")]
-            rate = statistics.median(rates) if rates else None
-            est = n * rate if n is not None and rate is not None else None
-            limit = f"--limit {plan.ctx.limit} per subject/task" if plan.ctx.limit else "no --limit: all items"
-            lines.append(f"    {job.suite}: {n if n is not None else 'unknown number of'} items "
-                         f"({how}; {limit})"
-                         + (f", ~{_fmt_s(est)} at {rate:.2g} s/item from {len(rates)} earlier "
-                            f"record(s)" if est is not None else ""))
-            if est is not None:
-                total += est
+            parts.append(f"{name} {steps} steps")
+            tokens = steps * b.batch_size * seqlen
+            if name in stage_rate:
+                secs += stage_rate[name] * tokens
+            elif cpu:
+                secs += tokens / DEFAULT_CPU_TOKENS_PER_S[name]
+                defaults.add(name)
             else:
-                unknown.append(f"{method_name}/{job.suite}")
-            cpu = not plan.ctx.device.startswith("cuda")
-            if cpu and not plan.ctx.limit and (est is None or est > HOUR):
-                lines.append(f"    {job.suite}: WARNING on CPU every item of a full suite can take "
-                             f"hours; pass --limit N (N examples per subject/task) to bound it")
-    n_todo = sum(1 for j in jobs if str(j.path) not in finished)
+                unknown.append(f"{method_name} {name}")
+        total += secs
+        lines.append(f"  {method_name}: recovery {' + '.join(parts)} of {b.batch_size} x {seqlen} "
+                     f"tokens (budget {b.name})" + (f", ~{_fmt_s(secs)}" if secs else ""))
+    for suite_name in dict.fromkeys(j.suite for j in todo):
+        mine = [j for j in todo if j.suite == suite_name]
+        n, how = _items(mine[0], plan.ctx, history)
+        rates = [r["seconds"] / _n_of(r) for r in history
+                 if r.get("suite") == suite_name and _n_of(r) and r.get("seconds")]
+        rate = statistics.median(rates) if rates else None
+        scope = (f"--limit {plan.ctx.limit} per subject/task" if plan.ctx.limit
+                 else "no --limit: every item")
+        line = (f"  {suite_name}: {n} items ({how}; {scope})" if n is not None
+                else f"  {suite_name}: number of items not known before it runs ({scope})")
+        est = n * rate if n is not None and rate is not None else None
+        if est is not None:
+            total += est * len(mine)
+            line += (f", ~{_fmt_s(est)} per method at {rate:.2g} s/item "
+                     f"({len(rates)} earlier record(s)) x {len(mine)} method(s)")
+        else:
+            unknown += [f"{j.method}/{suite_name}" for j in mine]
+        lines.append(line)
+        if cpu and not plan.ctx.limit and (est is None or est > HOUR):
+            lines.append(f"  WARNING: {suite_name} without --limit "
+                         + (f"takes ~{_fmt_s(est)} per method" if est is not None else
+                            "can take hours")
+                         + " on CPU; pass --limit N (N examples per subject/task) to bound it")
     echo(f"linbench: plan: {len(dict.fromkeys(j.method for j in jobs))} method(s) x "
-         f"{len(plan.suites)} suite(s) on {spec.name} ({plan.ctx.device}): {n_todo} record(s) "
-         f"to compute, {len(jobs) - n_todo} finished")
+         f"{len(plan.suites)} suite(s) on {spec.name} ({plan.ctx.device}): {len(todo)} "
+         f"record(s) to compute, {len(jobs) - len(todo)} finished (reused)")
     for line in lines:
         echo(line)
-    basis = (f"from {len(history)} earlier record(s) of this model on this machine"
+    basis = (f"rates from {len(history)} earlier record(s) of this model on this machine"
              if history else "no earlier records of this model on this machine")
     if defaults:
         basis += (f"; recovery {'/'.join(sorted(defaults))} at a rough default rate "
                   f"(SmolLM2-135M on an idle 2-core CPU)")
-    if unknown:
-        echo(f"  estimate: at least {_fmt_s(total)} ({basis}; not measured yet: "
-             f"{', '.join(unknown)})")
-    else:
-        echo(f"  estimate: ~{_fmt_s(total)} ({basis})")
+    if todo:
+        if unknown:
+            echo(f"  estimate: at least {_fmt_s(total)} ({basis}; not estimated: "
+                 f"{', '.join(unknown)})")
+        else:
+            echo(f"  estimate: ~{_fmt_s(total)} ({basis})")
     return {"seconds": total, "unknown": unknown, "history": len(history)}
 
 

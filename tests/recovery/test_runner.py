@@ -176,12 +176,12 @@ def test_the_plan_without_history_uses_a_stated_rough_default(env):
     got = runner.announce(plan, spec, store, jobs, lines.append)
     text = "\n".join(lines)
     assert "1 method(s) x 1 suite(s)" in text and "1 record(s) to compute" in text
-    assert "recovery transfer 4 steps, lora 4 steps of 1 x 128 tokens" in text
+    assert "lolcats: recovery transfer 4 steps + lora 4 steps of 1 x 128 tokens" in text
     assert "rough default" in text and "no earlier records" in text
     # 512 transfer tokens at 490/s + 512 lora tokens at 300/s; the suite is not measured
     assert got["seconds"] == pytest.approx(512 / 490 + 512 / 300)
     assert got["unknown"] == [f"lolcats/{SUITE}"] and "at least" in lines[-1]
-    assert f"{SUITE}: WARNING on CPU" in text and "--limit N" in text
+    assert f"WARNING: {SUITE} without --limit can take hours on CPU" in text and "--limit N" in text
     lines.clear()
     runner.announce(_plan(env, limit=5), spec, store, jobs, lines.append)
     assert "WARNING" not in "\n".join(lines)
@@ -210,6 +210,13 @@ def test_the_plan_estimates_from_earlier_records_on_this_machine(env):
     assert got["unknown"] == [] and got["history"] == 1
     assert "from 1 earlier record(s) of this model on this machine" in lines[-1]
     assert "~35 s" in lines[-1] and "40 items" in text and "WARNING" not in text
+    # a measured full suite of hours on CPU says so, with the way to bound it
+    store.write(store.path("m", "lolcats", SUITE, "other"), {**earlier, "seconds": 8000.0})
+    lines.clear()
+    got = runner.announce(plan, spec, store, jobs, lines.append)
+    assert got["seconds"] == pytest.approx(5.12 + 10.24 + 8000.0)
+    (warning,) = [s for s in lines if "WARNING" in s]
+    assert f"{SUITE} without --limit takes ~2.2 h per method on CPU; pass --limit N" in warning
 
 
 def test_speed_announces_its_shapes_before_running(env, invoke, monkeypatch):
