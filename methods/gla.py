@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import nn
-
 from linbench.methods.base import LinearConfig, LinearMethod
+from linbench.methods.features import make_feature_map
 from linbench.methods.mixers import GatedMix, LowRankGate
 
 
@@ -19,6 +18,7 @@ from linbench.methods.mixers import GatedMix, LowRankGate
 class GLAConfig(LinearConfig):
     gate_rank: int = 16
     gate_tau: float = 16.0
+    feature_map: str = "identity"    # on q and k; must keep head_dim (identity, softmax_head, silu)
 
 
 class GLA(LinearMethod):
@@ -29,4 +29,5 @@ class GLA(LinearMethod):
     def build_mixer(self, heads, head_dim, hidden, layer, layers):
         c = self.config
         gate = LowRankGate(hidden, heads, head_dim, rank=c.gate_rank, tau=c.gate_tau)
-        return GatedMix(nn.Identity(), nn.Identity(), gate, backend=c.backend)
+        fq, fk = (make_feature_map(c.feature_map, heads, head_dim) for _ in range(2))
+        return GatedMix(fq, fk, gate, backend=c.backend)

@@ -33,6 +33,7 @@ def slopes(rule: str, heads: int, layer: int, layers: int) -> torch.Tensor:
 class LightningConfig(LinearConfig):
     slope_rule: str = "alibi"
     gate: bool = False               # TransNormerLLM's output gate (new, 1 at start)
+    feature_map: str = "silu"        # on q and k (TransNormerLLM: silu)
 
 
 class Lightning(LinearMethod):
@@ -47,5 +48,5 @@ class Lightning(LinearMethod):
     def build_mixer(self, heads, head_dim, hidden, layer, layers):
         c = self.config
         decay = -slopes(c.slope_rule, heads, layer, layers)  # log-decay per head
-        return LinearMix(make_feature_map("silu", heads, head_dim), make_feature_map("silu", heads, head_dim),
-                         normalize=False, log_decay=decay, backend=c.backend)
+        fq, fk = (make_feature_map(c.feature_map, heads, head_dim) for _ in range(2))
+        return LinearMix(fq, fk, normalize=False, log_decay=decay, backend=c.backend)
