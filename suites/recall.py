@@ -37,7 +37,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from linbench.suites import text
-from linbench.suites.base import Record, RunContext, Suite
+from linbench.suites.base import Record, RunContext, Suite, accuracy
 from linbench.suites.generate import greedy_text
 from linbench.suites.lmeval import binomial_metric
 
@@ -192,6 +192,12 @@ class Recall(Suite):
     """
     name = "recall"
     version = "1"
+    order = 40
+    heatmaps = ("passkey", "needle")
+    # exact-match generation: no chance level
+    metrics = tuple(accuracy(name) for name in (
+        "passkey", "passkey_in_window", "passkey_out_window",
+        "needle", "needle_in_window", "needle_out_window", "kv", "squad"))
 
     def __init__(self, lengths: Sequence[int] = (256, 512, 1024, 2048, 4096),
                  depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),

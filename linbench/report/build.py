@@ -1,35 +1,30 @@
-"""Result tables: one per comparability key, every method beside softmax and swa.
+"""Result tables: one per comparability key, every method beside the parent row.
 
-Rows only share a table when their comparability key matches (README.md, "Leaderboard: linbench
-report"): for quality suites the suite and its version, the evaluator (lm-eval) version,
-the base-model hash and the dtype; for speed records the device, the package versions,
-the level and the shape (batch, heads, dim, dtype). Other rows get their own table.
-Records whose status is not "ok" appear as rows with their status, never dropped.
+Rows only share a table when their comparability key matches (linbench.records.keys): for
+quality suites the suite and its version, the evaluator (lm-eval) version, the base-model
+hash and the dtype; for speed records the device, the package versions, the level and the
+shape (batch, heads, dim, dtype). Other rows get their own table. Records whose status is
+not "ok" appear as rows with their status, never dropped.
+
+Nothing here knows a method or suite by name. Rows are ordered by `method_role` (the
+parent, then baselines, then every other method by name) and compared with the parent
+row; metric order, labels, direction, notes and derived metrics come from each record's
+`suite_meta`; tables are ordered by the suites' declared `order`, speed last.
 
 `build_tables` returns structured tables (the HTML page and the plots read them);
-`tables` returns them as markdown, which `linbench run` and `linbench report` print.
+`tables` returns them as markdown, which `linbench run`, `speed` and `report` print.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from linbench.report import speed_table as report_speed
-from linbench.report.cells import (Cell, fmt_bytes, fmt_count, fmt_metric, is_lower_better,
-                                    method_rank, state_bytes_of)
+import pandas as pd
 
-PARENT = "softmax"
-# Canonical metric order per suite; metrics not listed follow by name.
-METRIC_ORDER = {
-    "mmlu5": ["acc", "acc_stem", "acc_humanities", "acc_social_sciences", "acc_other"],
-    "commonsense": ["piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "avg",
-                    "avg_incl_mmlu"],
-    "ppl": ["ppl_wiki", "ppl_lambada", "lambada_acc"],
-    "recall": ["passkey", "passkey_in_window", "passkey_out_window", "needle",
-               "needle_in_window", "needle_out_window", "kv", "squad"],
-}
-COMMONSENSE_TASKS = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande")
-SUITE_ORDER = ["mmlu5", "commonsense", "ppl", "recall"]
-LABELS = {"avg_incl_mmlu": "avg incl. MMLU"}
+from linbench.records import keys
+from linbench.report import meta as plugin_meta
+from linbench.report import speed_table as report_speed
+from linbench.report.cells import Cell, fmt_bytes, fmt_count, fmt_metric, num, state_bytes_of
+from linbench.report.frame import frame_of
 
 
 @dataclass
@@ -43,147 +38,129 @@ class Table:
     rows: list[list[Cell]]
     records: list[dict]            # aligned with rows
     notes: list[str] = field(default_factory=list)
-    metric_rows: list[dict] = field(default_factory=list)  # effective metrics, aligned with rows
     metric_names: list[str] = field(default_factory=list)  # the metric columns, in order
+    values: pd.DataFrame | None = None  # metric values: rows aligned with records, columns
+    #                                     metric_names (derived metrics included)
+    meta: dict = field(default_factory=dict)  # the suite's metadata (suite_meta)
 
 
-def comparability_key(rec: dict) -> tuple:
-    if rec.get("suite") == "speed":
-        return report_speed.speed_key(rec)
-    versions = rec.get("versions") or {}
-    model = rec.get("model") or {}
-    return (rec.get("suite"), rec.get("suite_version"), versions.get("lm_eval"),
-            model.get("name"), (model.get("file_hash") or "")[:12], rec.get("dtype"))
+def _groups(df: pd.DataFrame, records: list[dict]) -> list[list[int]]:
+    """Record indices per comparability key: tables in suite order (the suites' declared
+    order, then by name; speed last), rows by role, method, then created (quality) or mode
+    and sequence length (speed)."""
+    recs = df.drop_duplicates("record").set_index("record", drop=False)
+    recs = recs.assign(
+        key=[keys.key(records[i]) for i in recs.record],
+        order=pd.to_numeric(pd.Series([plugin_meta.suite_meta(records[i]).get("order")
+                                       for i in recs.record], index=recs.index), errors="coerce"),
+        rank=recs.method_role.map(plugin_meta.role_rank),
+        speed=recs.kind == "speed",
+        **{c: recs[c].fillna("") for c in ("suite", "method", "created", "mode")},
+        seqlen=recs.seqlen.fillna(0))
+    recs["group"] = recs.groupby("key", sort=False).ngroup()  # first appearance
+    first = recs.drop_duplicates("group").sort_values(["speed", "order", "suite", "group"],
+                                                      kind="stable", na_position="last")
+    out = []
+    for g, speed in zip(first.group, first.speed):
+        rows = recs[recs.group == g].sort_values(
+            ["rank", "method", "mode", "seqlen"] if speed else ["rank", "method", "created"],
+            kind="stable")
+        out.append(list(rows.record))
+    return out
 
 
-def _group(records: list[dict]) -> list[list[dict]]:
-    groups: dict[tuple, list[dict]] = {}
-    for rec in records:
-        groups.setdefault(comparability_key(rec), []).append(rec)
-
-    def rank(item):
-        suite = item[1][0].get("suite") or ""
-        known = SUITE_ORDER.index(suite) if suite in SUITE_ORDER else len(SUITE_ORDER)
-        return (suite == "speed", known, suite)
-    return [recs for _, recs in sorted(groups.items(), key=rank)]  # stable: insertion order
-
-
-def _sorted(recs: list[dict]) -> list[dict]:
-    return sorted(recs, key=lambda r: (method_rank(r.get("method")), r.get("created") or ""))
+def _parent(recs: list[dict]) -> dict | None:
+    """The first row with role "parent" and status ok: what every row is compared with."""
+    return next((r for r in recs if r.get("method_role") == "parent" and _ok(r)), None)
 
 
 def _ok(rec: dict) -> bool:
     return rec.get("status") == "ok"
 
 
-def _mmlu_acc(rec: dict, records: list[dict]) -> dict | None:
-    """The 5-shot MMLU acc of the same base model (hash), method and dtype, newest first."""
-    same = [r for r in records if r.get("suite") == "mmlu5" and _ok(r)
-            and r.get("method") == rec.get("method") and r.get("dtype") == rec.get("dtype")
-            and (r.get("model") or {}).get("file_hash") == (rec.get("model") or {}).get("file_hash")
-            and "acc" in (r.get("metrics") or {})]
-    return max(same, key=lambda r: r.get("created") or "")["metrics"]["acc"] if same else None
+def _wide(rows: pd.DataFrame, order: list[int], names: list[str], column: str) -> pd.DataFrame:
+    """One column of the long frame as (record x metric), rows in `order`."""
+    have = rows[rows.metric.notna()]
+    if have.empty:
+        return pd.DataFrame(index=order, columns=names, dtype="float64")
+    return have.pivot(index="record", columns="metric", values=column).reindex(
+        index=order, columns=names)
 
 
-def effective_metrics(rec: dict, records: list[dict]) -> dict:
-    """The record's metrics plus the derived commonsense averages.
-
-    "avg" is the unweighted mean of the five zero-shot tasks; "avg_incl_mmlu" adds 5-shot
-    MMLU acc as a sixth task, the 6-task average the LoLCATs / Liger papers report.
-    """
-    metrics = dict(rec.get("metrics") or {})
-    if rec.get("suite") != "commonsense" or not _ok(rec):
-        return metrics
-    five = [metrics.get(t) for t in COMMONSENSE_TASKS]
-    if all(m and m.get("value") is not None for m in five):
-        if "avg" not in metrics:
-            metrics["avg"] = {"value": sum(m["value"] for m in five) / 5, "stderr": None,
-                              "n": sum(m.get("n") or 0 for m in five)}
-        mmlu = _mmlu_acc(rec, records)
-        if mmlu and mmlu.get("value") is not None:
-            metrics["avg_incl_mmlu"] = {"value": (sum(m["value"] for m in five) + mmlu["value"]) / 6,
-                                        "stderr": None,
-                                        "n": sum(m.get("n") or 0 for m in five) + (mmlu.get("n") or 0)}
-    return metrics
-
-
-def _metric_names(suite: str, present: set[str]) -> list[str]:
-    order = [m for m in METRIC_ORDER.get(suite, []) if m in present]
-    return order + sorted(present - set(order))
-
-
-def _vs_parent(name: str, value, parent) -> Cell:
-    if value is None or not parent or not parent.get("value"):
+def _vs_parent(spec: dict, value, ratio) -> Cell:
+    value, ratio = num(value), num(ratio)
+    if value is None or ratio is None:
         return Cell("-")
-    ratio = value / parent["value"]
-    if is_lower_better(name):
+    if plugin_meta.lower_is_better(spec):
         return Cell(f"{ratio:.3f}x", ratio)
     return Cell(f"{100 * ratio:.1f}%", 100 * ratio)
 
 
-def _quality_table(recs: list[dict], records: list[dict]) -> Table:
-    recs = _sorted(recs)
+def _quality_table(rows: pd.DataFrame, recs: list[dict], order: list[int]) -> Table:
     first = recs[0]
+    meta = plugin_meta.suite_meta(first)
     suite = first.get("suite") or "?"
-    eff = [effective_metrics(r, records) for r in recs]
-    names = _metric_names(suite, {m for e in eff for m in e})
-    parent = next((e for r, e in zip(recs, eff) if r.get("method") == PARENT and _ok(r)), None)
+    names = plugin_meta.metric_order(meta, rows.metric.dropna().unique())
+    specs = {n: plugin_meta.spec(meta, n) for n in names}
+    values, stderr, ns = (_wide(rows, order, names, c) for c in ("value", "stderr", "n"))
+    parent = _parent(recs)
+    pid = order[recs.index(parent)] if parent is not None else None
+    # every value over the parent's (none where the parent has no value or a zero one)
+    ratios = (values / values.loc[pid].where(values.loc[pid] != 0)) if pid is not None else None
+    who = parent.get("method") if parent is not None else "parent"
     columns = ["method", "status", "n"]
     for name in names:
-        columns.append(LABELS.get(name, name))
+        label = specs[name]["label"]
+        columns.append(label)
         if parent is not None:
-            columns.append(f"{LABELS.get(name, name)} / softmax" if is_lower_better(name)
-                           else f"{LABELS.get(name, name)} % of softmax")
+            columns.append(f"{label} / {who}" if plugin_meta.lower_is_better(specs[name])
+                           else f"{label} % of {who}")
     columns += ["state bytes", "recovery tokens"]
-    rows, notes = [], []
-    for rec, m in zip(recs, eff):
-        lead = m.get(names[0]) if names else None
-        n = lead.get("n") if lead else None
-        row = [Cell(rec.get("method") or "?", f"{method_rank(rec.get('method'))[0]} {rec.get('method')}"),
+    out, failed = [], []
+    for rec, rid in zip(recs, order):
+        n = num(ns.at[rid, names[0]]) if names else None
+        row = [Cell(rec.get("method") or "?",
+                    f"{plugin_meta.row_rank(rec)[0]} {rec.get('method')}"),
                Cell(rec.get("status") or "?"), Cell("-" if n is None else str(n), n)]
         for name in names:
-            metric = m.get(name)
-            value = metric.get("value") if metric else None
-            text = fmt_metric(name, metric)
-            if metric and metric.get("n") is not None and metric.get("n") != n:
-                text += f" (n={metric['n']})"
+            value, own_n = num(values.at[rid, name]), num(ns.at[rid, name])
+            text = fmt_metric(specs[name], value, stderr.at[rid, name])
+            if own_n is not None and own_n != n:
+                text += f" (n={own_n})"
             row.append(Cell(text, value))
             if parent is not None:
-                row.append(_vs_parent(name, value, parent.get(name)))
+                row.append(_vs_parent(specs[name], value, ratios.at[rid, name]))
         sb, seqlen = state_bytes_of(rec)
         row.append(Cell(fmt_bytes(sb) + (f" @{seqlen}" if sb is not None and seqlen else ""), sb))
         tokens = sum(int(s.get("tokens") or 0) for s in rec.get("recovery") or [])
         row.append(Cell(fmt_count(tokens), tokens))
-        rows.append(row)
+        out.append(row)
         if not _ok(rec):
-            notes.append(f"{rec.get('method')}: {rec.get('status')}"
-                         + (f": {rec['error']}" if rec.get("error") else ""))
+            failed.append(f"{rec.get('method')}: {rec.get('status')}"
+                          + (f": {rec['error']}" if rec.get("error") else ""))
+    notes = list(dict.fromkeys(specs[n]["note"].replace("{parent}", who)
+                               for n in names if specs[n]["note"]))
     if parent is None:
-        notes.insert(0, "no softmax row with status ok under this key: no % of softmax columns")
-    if any(is_lower_better(n) for n in names):
-        notes.insert(0, "perplexity is lower-is-better: its column beside softmax is the ratio "
-                        "ppl / softmax ppl, not a percentage")
-    if "avg_incl_mmlu" in names:
-        notes.append("avg incl. MMLU: mean of the five zero-shot tasks and 5-shot MMLU acc from "
-                     "the mmlu5 record with the same model hash, method and dtype")
-    versions = first.get("versions") or {}
-    model = first.get("model") or {}
-    title = (f"{suite} v{first.get('suite_version')} · model {model.get('name')} "
-             f"({(model.get('file_hash') or '')[:12]}) · {first.get('dtype')} · "
-             f"lm-eval {versions.get('lm_eval')}")
-    return Table("quality", suite, title, comparability_key(first), columns, rows, recs, notes, eff,
-                 names)
+        notes.append('no row with method_role "parent" and status ok under this key: no '
+                     "comparison columns")
+    f = keys.fields(first)
+    title = (f"{suite} v{f['suite_version']} · model {f['model']} "
+             f"({(f['model_hash'] or '')[:12]}) · {f['dtype']} · lm-eval {f['lm_eval']}")
+    return Table("quality", suite, title, keys.key(first), columns, out, recs, notes + failed,
+                 names, values.set_axis(range(len(recs))), meta)
 
 
 def build_tables(records: list[dict]) -> list[Table]:
+    df = frame_of(records)
     out = []
-    for recs in _group(records):
-        if recs[0].get("suite") == "speed":
-            columns, rows, recs_sorted, notes, title = report_speed.speed_table(recs)
-            out.append(Table("speed", "speed", title, comparability_key(recs[0]), columns, rows,
-                             recs_sorted, notes))
+    for order in _groups(df, records):
+        recs = [records[i] for i in order]
+        if keys.kind(recs[0]) == "speed":
+            columns, rows, notes, title = report_speed.speed_table(recs)
+            out.append(Table("speed", recs[0].get("suite") or "?", title, keys.key(recs[0]),
+                             columns, rows, recs, notes))
         else:
-            out.append(_quality_table(recs, records))
+            out.append(_quality_table(df[df.record.isin(order)], recs, order))
     return out
 
 
@@ -201,7 +178,7 @@ def to_markdown(table: Table) -> str:
 
 
 def tables(records: list[dict]) -> list[str]:
-    """One markdown table per comparability key (what `linbench run/report` print)."""
+    """One markdown table per comparability key (what `linbench run/speed/report` print)."""
     return [to_markdown(t) for t in build_tables(records)]
 
 
@@ -221,7 +198,7 @@ def provenance(table: Table) -> list[dict[str, str]]:
             "git": sha + (" (dirty)" if git.get("dirty") else ""),
             "command": " ".join(rec.get("command") or []) or "-",
             "device": str(rec.get("device")),
-            "versions": ", ".join(f"{k} {v}" for k, v in sorted((rec.get("versions") or {}).items())),
+            "versions": keys.versions_text(rec.get("versions")),
         }
         item = out.setdefault(tuple(entry.values()), {**entry, "_methods": [], "_created": []})
         if rec.get("method") not in item["_methods"]:

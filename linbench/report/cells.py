@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from linbench.units import fmt_bytes, fmt_count  # noqa: F401  (re-exported for the report)
+import pandas as pd
 
-BASELINES = ("softmax", "swa")  # always the first rows, in this order
+from linbench.units import fmt_bytes, fmt_count  # noqa: F401  (re-exported for the report)
 
 
 @dataclass
@@ -15,26 +15,22 @@ class Cell:
     sort: float | int | str | None = None
 
 
-def method_rank(method: str | None) -> tuple[int, str]:
-    """softmax first, swa second, then every other method by name."""
-    name = method or ""
-    return (BASELINES.index(name) if name in BASELINES else len(BASELINES), name)
+def num(x):
+    """x as a plain Python number, or None for a missing value (None, NaN or pandas' NA)."""
+    if x is None or pd.isna(x):
+        return None
+    return x.item() if hasattr(x, "item") else x
 
 
-def is_lower_better(metric: str) -> bool:
-    """Perplexities (ppl_*) and losses: lower is better, shown as a ratio to softmax."""
-    return metric.startswith("ppl") or metric in ("nll", "loss")
-
-
-def fmt_metric(name: str, metric: dict | None) -> str:
-    """Accuracies in [0, 1] as percentages with ±stderr; everything else with 4 digits."""
-    if not metric or metric.get("value") is None:
+def fmt_metric(spec: dict, value, stderr=None) -> str:
+    """Accuracies (kind "accuracy", in [0, 1]) as percentages with ±stderr; everything
+    else with 4 significant digits."""
+    value, stderr = num(value), num(stderr)
+    if value is None:
         return "-"
-    v, se = metric["value"], metric.get("stderr")
-    if not is_lower_better(name) and 0 <= v <= 1:
-        text = f"{100 * v:.1f}"
-        return text + (f" ±{100 * se:.1f}" if se is not None else "")
-    return f"{v:.4g}" + (f" ±{se:.2g}" if se is not None else "")
+    if spec.get("kind") == "accuracy" and 0 <= value <= 1:
+        return f"{100 * value:.1f}" + (f" ±{100 * stderr:.1f}" if stderr is not None else "")
+    return f"{value:.4g}" + (f" ±{stderr:.2g}" if stderr is not None else "")
 
 
 def state_bytes_of(rec: dict) -> tuple[int | None, int | None]:

@@ -14,7 +14,7 @@ import base64
 import html
 import time
 
-from linbench.report.plots import SECTIONS
+from linbench.report import meta as plugin_meta
 from linbench.report.build import PROVENANCE_COLUMNS, provenance
 
 CSS = """
@@ -122,7 +122,7 @@ def _table(i: int, t, plots) -> str:
     body = []
     for row, rec in zip(t.rows, t.records):
         cls = ("failed" if rec.get("status") != "ok"
-               else "baseline" if rec.get("method") in ("softmax", "swa") else "")
+               else "baseline" if rec.get("method_role") in plugin_meta.ROLES else "")
         body.append(f'<tr class="{cls}" data-method="{_e(rec.get("method"))}" '
                     f'data-status="{_e(rec.get("status"))}">' + "".join(map(_cell, row)) + "</tr>")
     parts = [f'<section class="tbl" id="sec-t{i}"><h3>{_e(t.title)}</h3>',
@@ -152,9 +152,11 @@ def _figure(p) -> str:
             f"{_e(p.caption)} <code>{_e(p.path.name)}</code></figcaption></figure>")
 
 
-def page(tables: list, plots: list, skipped: dict[str, str], n_records: int) -> str:
+def page(tables: list, plots: list, skipped: dict[str, str], n_records: int,
+         sections: dict[str, str]) -> str:
+    """The page; `sections` maps each plot section to its title (plots.sections)."""
     toc = "".join(f'<li><a href="#sec-t{i}">{_e(t.title)}</a></li>' for i, t in enumerate(tables))
-    toc += "".join(f'<li><a href="#plots-{s}">{_e(title)}</a></li>' for s, title in SECTIONS.items())
+    toc += "".join(f'<li><a href="#plots-{s}">{_e(title)}</a></li>' for s, title in sections.items())
     body = [f"<h1>linbench leaderboard</h1><p class=\"meta\">generated "
             f"{_e(time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()))} from {n_records} "
             f"records · {len(tables)} tables · {len(plots)} plots · rows share a table only "
@@ -163,7 +165,7 @@ def page(tables: list, plots: list, skipped: dict[str, str], n_records: int) -> 
             "<h2>Tables</h2>"]
     body += [_table(i, t, plots) for i, t in enumerate(tables)]
     body.append('<h2 id="plots">Plots</h2>')
-    for section, title in SECTIONS.items():
+    for section, title in sections.items():
         body.append(f'<section class="plots" id="plots-{section}"><h3>{_e(title)}</h3>')
         mine = [p for p in plots if p.section == section]
         body += [_figure(p) for p in mine]

@@ -27,7 +27,8 @@ def _md_escape(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def markdown_page(tables: list, plots: list, skipped: dict, n_records: int) -> str:
+def markdown_page(tables: list, plots: list, skipped: dict, n_records: int,
+                  sections: dict[str, str]) -> str:
     lines = ["# linbench leaderboard", "",
              f"Generated {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())} from "
              f"{n_records} records. Rows share a table only under one comparability key.", "",
@@ -44,7 +45,7 @@ def markdown_page(tables: list, plots: list, skipped: dict, n_records: int) -> s
                   for r in report.provenance(t)]
         lines += ["", "</details>", ""]
     lines += ["## Plots", ""]
-    for section, title in plots_mod.SECTIONS.items():
+    for section, title in sections.items():
         lines += [f"### {title}", ""]
         mine = [p for p in plots if p.section == section]
         for p in mine:
@@ -60,8 +61,9 @@ def write(records: list[dict], out_dir) -> Leaderboard:
     out.mkdir(parents=True, exist_ok=True)
     tables = report.build_tables(records)
     plots, skipped = plots_mod.make_plots(tables, records, out)
+    sections = plots_mod.sections(records)
     md = out / "leaderboard.md"
-    md.write_text(markdown_page(tables, plots, skipped, len(records)))
+    md.write_text(markdown_page(tables, plots, skipped, len(records), sections))
     page = out / "index.html"
-    page.write_text(report_html.page(tables, plots, skipped, len(records)))
+    page.write_text(report_html.page(tables, plots, skipped, len(records), sections))
     return Leaderboard(md, page, plots, skipped, tables)

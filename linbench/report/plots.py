@@ -1,5 +1,7 @@
 """Leaderboard plots as PNG files, drawn on matplotlib's Agg canvas (no display, no pyplot
 global state). One function per kind; each returns the plots it wrote (none without data).
+Which metric a quality plot shows, its direction and chance level, and which details hold
+heatmap grids come from the records' suite_meta; colours and order from method_role.
 """
 from __future__ import annotations
 
@@ -10,25 +12,24 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import NullFormatter
 
-from linbench.report.plots_recall import recall_heatmap
-from linbench.report.cells import fmt_bytes, is_lower_better, method_rank, state_bytes_of
+from linbench.report import meta as plugin_meta
+from linbench.report.cells import fmt_bytes, num, state_bytes_of
+from linbench.report.heatmaps import heatmap
 
 SECTIONS = {
     "speed": "Throughput and memory vs sequence length",
     "quality": "Quality vs state size",
-    "recall": "Passkey and needle heatmaps",
+    "heatmaps": "Heatmaps",  # titled by the grids the suites declare (`sections`)
     "recovery": "Recovery curves",
 }
 NO_DATA = {
     "speed": "no speed records with a sequence length (run `linbench speed`)",
     "quality": "no ok quality record with both a state size > 0 and a metric value",
-    "recall": "no recall record with passkey or needle cells",
-    "recovery": "no record with recovery curves (softmax and swa need no recovery)",
+    "heatmaps": "no ok record with the (length x depth) cells its suite lists as heatmaps",
+    "recovery": "no record with recovery curves (parent and baseline rows need no recovery)",
 }
-PATTERNS = ("speed-*.png", "quality-*.png", "recall-*.png", "recovery-*.png")
-# Preferred y metric of the quality-vs-state plot, per suite; else the table's first metric.
-QUALITY_METRIC = {"mmlu5": "acc", "commonsense": "avg", "ppl": "ppl_wiki",
-                  "recall": "passkey"}
+PATTERNS = ("speed-*.png", "quality-*.png", "recovery-*.png")  # and <suite>-*-<grid>.png
+CHANCE_COLOR = "0.35"
 FAILED_Y = 1.0  # failed (oom/timeout) speed points sit at the top of the axis
 FAILED_COLOR = "crimson"
 
@@ -42,13 +43,40 @@ class Plot:
     table: int | None = None  # index of the table it belongs to
 
 
+def _heatmap_grids(records: list[dict]) -> dict[str, list[str]]:
+    """{suite: its declared heatmap grids} over the records, in first-seen order."""
+    out: dict[str, dict[str, None]] = {}
+    for r in records:
+        for task in plugin_meta.suite_meta(r).get("heatmaps") or []:
+            out.setdefault(r.get("suite") or "?", {})[task] = None
+    return {suite: list(tasks) for suite, tasks in out.items()}
+
+
+def sections(records: list[dict]) -> dict[str, str]:
+    """SECTIONS, the heatmap one titled by the grids the records' suites declare
+    (e.g. "Passkey and needle heatmaps")."""
+    grids = list(dict.fromkeys(t for ts in _heatmap_grids(records).values() for t in ts))
+    if not grids:
+        return dict(SECTIONS)
+    return {**SECTIONS, "heatmaps": f"{' and '.join(grids)} heatmaps".capitalize()}
+
+
 def method_colors(records: list[dict]) -> dict[str, str]:
-    """One colour per method across every plot: softmax black, swa grey, then tab10."""
-    names = sorted({r.get("method") or "?" for r in records}, key=method_rank)
-    palette = [f"C{i}" for i in range(10)]
-    fixed = {"softmax": "black", "swa": "0.5"}
-    others = [n for n in names if n not in fixed]
-    return {**{n: palette[i % 10] for i, n in enumerate(others)}, **fixed}
+    """One colour per method across every plot: the parent black, baselines grey, then the
+    other methods by name in tab10."""
+    rank: dict[str, int] = {}
+    for r in records:
+        name = r.get("method") or "?"
+        rank[name] = min(rank.get(name, 99), plugin_meta.role_rank(r.get("method_role")))
+    colors, others, greys = {}, [], iter(("0.5", "0.65", "0.35", "0.8"))
+    for n in sorted(rank, key=lambda n: (rank[n], n)):
+        if rank[n] == 0:
+            colors[n] = "black"
+        elif rank[n] == 1:
+            colors[n] = next(greys, "0.5")
+        else:
+            others.append(n)
+    return {**colors, **{n: f"C{i % 10}" for i, n in enumerate(others)}}
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -123,27 +151,24 @@ def speed_plot(i: int, table, colors: dict, out: Path) -> list[Plot]:
                  "(oom / timeout) at that length.", i)]
 
 
-def _quality_metric(table) -> str | None:
-    names = table.metric_names
-    want = QUALITY_METRIC.get(table.suite)
-    return want if want in names else (names[0] if names else None)
-
-
-def quality_plot(i: int, table, colors: dict, out: Path) -> list[Plot]:
-    """The chosen quality metric vs state bytes (log x), one point per ok record."""
-    name = _quality_metric(table)
+def quality_figure(table, colors: dict) -> tuple[Figure, str, list[str]] | None:
+    """(figure, metric, methods without a state size) of the suite's primary metric vs
+    state bytes (log x), one point per ok record; the metric's chance level, where the
+    suite declares one, is a dotted line. None without a point to draw."""
+    name = plugin_meta.primary(table.meta, table.metric_names)
     if name is None:
-        return []
+        return None
+    spec = plugin_meta.spec(table.meta, name)
     pts, missing = [], []
-    for rec, metrics in zip(table.records, table.metric_rows):
-        value = (metrics.get(name) or {}).get("value")
+    for rec, value in zip(table.records, table.values[name]):
+        value = num(value)
         sb = state_bytes_of(rec)[0]
         if rec.get("status") != "ok" or value is None:
             continue
         (pts if sb and sb > 0 else missing).append((sb, value, rec.get("method")))
     if not pts:
-        return []
-    pct = not is_lower_better(name) and all(0 <= v <= 1 for _, v, _ in pts)
+        return None
+    pct = spec["kind"] == "accuracy" and all(0 <= v <= 1 for _, v, _ in pts)
     fig = Figure(figsize=(6.4, 4.2), layout="constrained")
     ax = fig.subplots()
     for sb, v, m in pts:
@@ -157,13 +182,27 @@ def quality_plot(i: int, table, colors: dict, out: Path) -> list[Plot]:
     ax.xaxis.set_major_formatter(lambda x, _: fmt_bytes(x))
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("recurrent state / KV cache per sequence (bytes, log)")
+    if spec["chance"] is not None:
+        y = 100 * spec["chance"] if pct else spec["chance"]
+        ax.axhline(y, color=CHANCE_COLOR, ls=":", lw=1.2, zorder=1)
+        ax.annotate(f"chance ({y:.3g}{'%' if pct else ''})", (0, y),
+                    xycoords=("axes fraction", "data"), xytext=(4, 3),
+                    textcoords="offset points", ha="left", fontsize=7.5, color=CHANCE_COLOR)
     label = f"{name} ({'%' if pct else 'value'})"
-    ax.set_ylabel(label + (", lower is better" if is_lower_better(name) else ""))
+    ax.set_ylabel(label + (", lower is better" if plugin_meta.lower_is_better(spec) else ""))
     ax.grid(True, which="both", alpha=0.3)
     ax.set_title(table.title, fontsize=8)
+    return fig, name, sorted({m for *_, m in missing})
+
+
+def quality_plot(i: int, table, colors: dict, out: Path) -> list[Plot]:
+    drawn = quality_figure(table, colors)
+    if drawn is None:
+        return []
+    fig, name, missing = drawn
     caption = f"{name} vs state size per method."
     if missing:
-        caption += " Not plotted (no state size): " + ", ".join(sorted({m for *_, m in missing})) + "."
+        caption += " Not plotted (no state size): " + ", ".join(missing) + "."
     path = _save(fig, out / f"quality-{i}-{table.suite}.png")
     return [Plot("quality", f"{table.suite}: {name} vs state size", path, caption, i)]
 
@@ -171,7 +210,7 @@ def quality_plot(i: int, table, colors: dict, out: Path) -> list[Plot]:
 def recovery_plots(records: list[dict], colors: dict, out: Path) -> list[Plot]:
     """Train (solid) and validation (dashed) loss vs tokens, one panel per stage, per model."""
     runs: dict[tuple, dict[str, list]] = {}
-    for r in sorted(records, key=lambda r: method_rank(r.get("method"))):
+    for r in sorted(records, key=plugin_meta.row_rank):
         stages = [s for s in r.get("recovery") or [] if s.get("curve") or s.get("val_curve")]
         model = r.get("model") or {}
         group = (model.get("name"), (model.get("file_hash") or "")[:12], r.get("dtype"))
@@ -208,7 +247,8 @@ def recovery_plots(records: list[dict], colors: dict, out: Path) -> list[Plot]:
 def make_plots(tables: list, records: list[dict], out: Path) -> tuple[list[Plot], dict[str, str]]:
     """Write every plot with data into `out`; return them and the reason for each skipped kind."""
     out.mkdir(parents=True, exist_ok=True)
-    for pattern in PATTERNS:  # stale plots of an earlier report
+    grids = _heatmap_grids(records)
+    for pattern in (*PATTERNS, *(f"{suite}-*-*.png" for suite in grids)):  # stale plots
         for old in out.glob(pattern):
             old.unlink()
     colors = method_colors(records)
@@ -218,11 +258,10 @@ def make_plots(tables: list, records: list[dict], out: Path) -> tuple[list[Plot]
             plots += speed_plot(i, table, colors, out)
             continue
         plots += quality_plot(i, table, colors, out)
-        if table.suite == "recall":
-            for task in ("passkey", "needle"):
-                p = recall_heatmap(i, table, task, out)
-                if p:
-                    plots.append(Plot("recall", *p, i))
+        for task in table.meta.get("heatmaps") or []:
+            p = heatmap(i, table, task, out)
+            if p:
+                plots.append(Plot("heatmaps", *p, i))
     plots += recovery_plots(records, colors, out)
     skipped = {s: why for s, why in NO_DATA.items() if not any(p.section == s for p in plots)}
     return plots, skipped

@@ -1,11 +1,15 @@
-"""Speed tables: one row per speed record (method, mode, sequence length).
+"""Speed tables: one row per speed record (method, mode, sequence length), the one renderer
+`linbench speed` and `linbench report` both print.
 
 Speed rows are comparable only on the same device, package versions, level (kernel or
-model) and shape (batch, heads, head dim, dtype; the base model too at model level).
+model) and shape (batch, heads, head dim, dtype; the base model too at model level):
+linbench.records.keys. Throughput is compared with the parent row (method_role "parent")
+of the same mode and sequence length.
 """
 from __future__ import annotations
 
-from linbench.report.cells import Cell, fmt_bytes, fmt_count, method_rank, state_bytes_of
+from linbench.report import meta as plugin_meta
+from linbench.report.cells import Cell, fmt_bytes, fmt_count, state_bytes_of
 
 GPU_COLUMNS = (("tflops", "TFLOP/s", "{:.3g}"), ("gbps", "GB/s", "{:.4g}"),
                ("pct_peak", "% of peak", "{:.1f}%"))
@@ -15,50 +19,36 @@ def _details(rec: dict) -> dict:
     return rec.get("details") or {}
 
 
-def speed_key(rec: dict) -> tuple:
-    d = _details(rec)
-    versions = tuple(sorted((k, str(v)) for k, v in (rec.get("versions") or {}).items()))
-    model = rec.get("model") or {}
-    at_model = d.get("level") == "model"
-    return ("speed", rec.get("suite_version"), d.get("level"), d.get("device") or rec.get("device"),
-            versions, d.get("batch"), d.get("heads"), d.get("dim"), d.get("dtype") or rec.get("dtype"),
-            model.get("name") if at_model else None,
-            (model.get("file_hash") or "")[:12] if at_model else None)
-
-
 def _value(rec: dict, name: str):
     m = (rec.get("metrics") or {}).get(name)
     return m.get("value") if m else None
 
 
 def speed_table(recs: list[dict]):
-    """(columns, rows, records in row order, notes, title) for one speed key."""
-    def order(r):
-        d = _details(r)
-        return (method_rank(r.get("method")), d.get("mode") or "", d.get("seqlen") or 0)
-    recs = sorted(recs, key=order)
-    softmax = {(_details(r).get("mode"), _details(r).get("seqlen")): r
-               for r in recs if r.get("method") == "softmax"}
+    """(columns, rows, notes, title) for the records of one speed key, in row order."""
+    parents = {(_details(r).get("mode"), _details(r).get("seqlen")): r
+               for r in recs if r.get("method_role") == "parent"}
+    who = next(iter(parents.values())).get("method") if parents else "parent"
     gpu = [c for c in GPU_COLUMNS if any(_details(r).get(c[0]) is not None for r in recs)]
     columns = ["method", "mode", "seqlen", "status", "ms (median)", "ms q20-q80", "tokens/s",
-               "tokens/s vs softmax", "peak mem", "state bytes", "backend", *[c[1] for c in gpu]]
+               f"tokens/s vs {who}", "peak mem", "state bytes", "backend", *[c[1] for c in gpu]]
     rows, notes = [], []
     for r in recs:
         d = _details(r)
         ms, tps = _value(r, "ms"), _value(r, "tokens_per_s")
         q20, q80 = d.get("ms_q20"), d.get("ms_q80")
-        base = softmax.get((d.get("mode"), d.get("seqlen")))
+        base = parents.get((d.get("mode"), d.get("seqlen")))
         if base is None or tps is None:
             vs = Cell("-")
         elif base.get("status") != "ok" or not _value(base, "tokens_per_s"):
-            vs = Cell(f"softmax {base.get('status')}")
+            vs = Cell(f"{base.get('method')} {base.get('status')}")
         else:
             ratio = tps / _value(base, "tokens_per_s")
             vs = Cell(f"{ratio:.2f}x", ratio)
         sb = d.get("state_bytes")
         if sb is None:
             sb = state_bytes_of(r)[0]
-        row = [Cell(r.get("method") or "?", f"{method_rank(r.get('method'))[0]} {r.get('method')}"),
+        row = [Cell(r.get("method") or "?", f"{plugin_meta.row_rank(r)[0]} {r.get('method')}"),
                Cell(d.get("mode") or "-"), Cell(str(d.get("seqlen", "-")), d.get("seqlen")),
                Cell(r.get("status") or "?"),
                Cell("-" if ms is None else f"{ms:.4g}", ms),
@@ -76,8 +66,9 @@ def speed_table(recs: list[dict]):
     model = first.get("model") or {}
     where = (f" · model {model.get('name')} ({(model.get('file_hash') or '')[:12]})"
              if d0.get("level") == "model" else "")
-    title = (f"speed · {d0.get('level')} level · {d0.get('device') or first.get('device')} · "
+    title = (f"{first.get('suite')} · {d0.get('level')} level · "
+             f"{d0.get('device') or first.get('device')} · "
              f"B={d0.get('batch')} H={d0.get('heads')} D={d0.get('dim')} · "
              f"{d0.get('dtype') or first.get('dtype')}{where} · torch {v.get('torch')} "
              f"triton {v.get('triton')}")
-    return columns, rows, recs, notes, title
+    return columns, rows, notes, title

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 from linbench.records import schema
-from linbench.units import fmt_bytes as _bytes
 from linbench.units import fmt_len, fmt_ms as _ms, fmt_rate as _si
 from linbench.units import parse_lengths as parse_seqlens
 
@@ -218,56 +217,3 @@ def sweep(cfg: SpeedConfig, echo=print, model: ModelSource | None = None) -> lis
             run.rows(name, "model", {"name": name, **method.config_dict()}, model_modes, build,
                      {"batch": 1}, hashed, source.info, role=method.role)
     return run.out
-
-
-def _cell(rec: dict) -> str:
-    if rec["status"] != "ok":
-        return rec["status"] + ("" if rec["details"].get("ran", True) else "*")
-    m, d = rec["metrics"], rec["details"]
-    cell = f"{_ms(m['ms']['value'])}, {_si(m['tokens_per_s']['value'])} tok/s"
-    if d["level"] == "model":
-        cell += "".join(f", {label} {_bytes(d[k])}" for label, k in
-                        (("peak", "peak_mem_bytes"), ("state", "state_bytes")) if d.get(k))
-    if d.get("tflops") is not None:
-        pct = f" ({d['pct_peak']:.0f}%)" if d.get("pct_peak") is not None else ""
-        cell += f", {d['tflops']:.3g} TFLOP/s{pct}, {d['gbps']:.3g} GB/s"
-    return cell
-
-
-def tables(records: list[dict]) -> list[str]:
-    """Markdown: per comparability group (level, device, dtype, shape, versions, model) a
-    table with rows T and columns method x mode, then the largest T that ran per column."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in records:
-        d = r["details"]
-        key = (d["level"], r.get("device"), d["dtype"], d["batch"], d["heads"], d["dim"],
-               d["backend"], r.get("model", {}).get("name"), tuple(sorted(r["versions"].items())))
-        groups.setdefault(key, []).append(r)
-    out = []
-    for (level, device, dtype, b, h, dim, backend, model, _), recs in groups.items():
-        methods = list(dict.fromkeys(r["method"] for r in recs))
-        cols = sorted({(r["method"], r["details"]["mode"]) for r in recs},
-                      key=lambda c: (methods.index(c[0]), MODES.index(c[1])))
-        cells = {(r["details"]["seqlen"], r["method"], r["details"]["mode"]): r for r in recs}
-        title = (f"### speed, {level} level{'' if level == 'kernel' else ' (' + model + ')'}: "
-                 f"{device}, {dtype}, B{b} H{h} D{dim}, backend {backend}")
-        lines = [title, "", "| T | " + " | ".join(f"{m} {mode}" for m, mode in cols) + " |",
-                 "|---:|" + "---|" * len(cols)]
-        for T in sorted({k[0] for k in cells}):
-            row = [_cell(cells[(T, *c)]) if (T, *c) in cells else "" for c in cols]
-            lines.append(f"| {fmt_len(T)} | " + " | ".join(row) + " |")
-        lines += ["", "| method | mode | largest T that ran | first failure |",
-                  "|---|---|---:|---|"]
-        for m, mode in cols:
-            mine = sorted((r for r in recs if (r["method"], r["details"]["mode"]) == (m, mode)),
-                          key=lambda r: r["details"]["seqlen"])
-            ok = [r["details"]["seqlen"] for r in mine if r["status"] == "ok"]
-            bad = next((r for r in mine if r["status"] != "ok"), None)
-            lines.append(f"| {m} | {mode} | {fmt_len(max(ok)) if ok else '-'} | "
-                         + (f"{bad['status']} at {fmt_len(bad['details']['seqlen'])}"
-                            if bad else "-") + " |")
-        if any(not r["details"].get("ran", True) for r in recs):
-            lines += ["", "\\* not run: predicted from the smaller T (time or memory "
-                      "extrapolated, or a smaller T already stopped)"]
-        out.append("\n".join(lines))
-    return out

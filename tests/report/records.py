@@ -1,7 +1,11 @@
-"""Synthetic run records in the shared schema, for the report / leaderboard tests."""
+"""Synthetic run records in the shared schema, for the report / leaderboard tests: each
+carries the method_role and suite_meta the runner copies in (the suites' own metadata)."""
 from __future__ import annotations
 
+import functools
 import math
+
+from linbench import registry
 
 HASH = "a" * 64
 VERSIONS = {"python": "3.11.2", "torch": "2.13.0", "triton": "3.9.0", "transformers": "4.57.0",
@@ -10,6 +14,13 @@ KV_BYTES = 2 * 30 * 3 * 64 * 2048 * 4   # softmax KV cache at T=2048 (layers 30,
 STATE = {"softmax": KV_BYTES, "swa": KV_BYTES // 32, "lolcats": 900_000, "liger": 600_000,
          "gla": 400_000, "hedgehog": 1_200_000}
 WINDOW = {"softmax": None, "swa": 64, "lolcats": 64, "hedgehog": 0}
+ROLES = {"softmax": "parent", "swa": "baseline"}  # every other method: "linearized"
+
+
+@functools.cache
+def suite_meta(suite: str) -> dict | None:
+    """What the runner writes into a record of this registered suite (None for speed)."""
+    return registry.suites.get(suite)().meta() if suite in registry.suites.names() else None
 
 
 def metric(value, stderr=0.01, n=100):
@@ -40,7 +51,9 @@ def record(method, suite, metrics, status="ok", dtype="float32", details=None, m
             "context": {}, "dtype": dtype, "seeds": {"suite": 1234}, "recovery": recovery(method),
             "state_bytes": {"seqlen": 2048, "bytes": STATE.get(method)}, "status": status,
             "metrics": metrics if status == "ok" else {}, "details": details or {},
-            "seconds": 1.0, **extra}
+            "seconds": 1.0, "method_role": ROLES.get(method, "linearized"),
+           **({"suite_meta": suite_meta(suite)} if suite_meta(suite) is not None else {}),
+           **extra}
 
 
 def recall_cells(method: str) -> dict:

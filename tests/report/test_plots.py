@@ -7,7 +7,7 @@ from matplotlib.image import imread
 
 from linbench.report import leaderboard
 from linbench.report.plots import make_plots, method_colors, speed_figure
-from linbench.report.plots_recall import boundary_segments, fmt_length
+from linbench.report.heatmaps import boundary_segments, fmt_length
 from linbench.report.build import build_tables
 from tests.report.records import record, speed, synthetic_records
 
@@ -35,19 +35,19 @@ def test_every_kind_is_written_as_a_nonblank_png(written):
         pixels = imread(p.path)
         assert pixels.shape[0] > 300 and pixels.shape[1] > 500, p.path.name
         assert pixels[..., :3].std() > 0.05, f"{p.path.name} is blank"
-    assert {p.section for p in plots} == {"speed", "quality", "recall", "recovery"}
+    assert {p.section for p in plots} == {"speed", "quality", "heatmaps", "recovery"}
 
 
 def test_no_data_means_no_plot_and_a_reason(tmp_path):
     recs = [record("softmax", "mmlu5", {"acc": {"value": 0.3, "stderr": 0.01, "n": 10}})]
     recs[0]["state_bytes"] = {"seqlen": 2048, "bytes": 0}  # 0 cannot sit on a log axis
     plots, skipped = make_plots(build_tables(recs), recs, tmp_path)
-    assert plots == [] and set(skipped) == {"speed", "quality", "recall", "recovery"}
+    assert plots == [] and set(skipped) == {"speed", "quality", "heatmaps", "recovery"}
     assert list(tmp_path.iterdir()) == []
     board = leaderboard.write(recs, tmp_path)
     md = board.markdown.read_text()
     assert "_No plot: no speed records" in md and "![" not in md
-    assert "No plot: no recall record" in board.html.read_text()
+    assert "No plot: no ok record with the (length x depth) cells" in board.html.read_text()
 
 
 def test_speed_failures_are_x_marks_at_the_top_labelled_with_who_failed():

@@ -3,14 +3,15 @@ import copy
 import pytest
 
 from linbench.report.build import build_tables, provenance, tables
-from tests.report.records import record, speed, synthetic_records
+from tests.report.records import ROLES, record, speed, suite_meta, synthetic_records
 
 
 def _rec(method, acc, dtype="float32", model_hash="a" * 64):
     return {"method": method, "suite": "mmlu5", "suite_version": "1", "status": "ok",
             "versions": {"lm_eval": "0.4.13"}, "dtype": dtype,
             "model": {"name": "m", "file_hash": model_hash},
-            "metrics": {"acc": {"value": acc, "stderr": 0.01, "n": 100}}}
+            "metrics": {"acc": {"value": acc, "stderr": 0.01, "n": 100}},
+            "method_role": ROLES.get(method, "linearized"), "suite_meta": suite_meta("mmlu5")}
 
 
 def test_rows_share_a_table_only_under_one_comparability_key():
@@ -45,7 +46,7 @@ def board():
     return build_tables(recs)
 
 
-def test_softmax_first_swa_second_then_by_name_and_failed_rows_kept(board):
+def test_parent_first_baseline_second_then_by_name_and_failed_rows_kept(board):
     mmlu = _table(board, "mmlu5")
     assert [r["method"] for r in _rows(mmlu)] == ["softmax", "swa", "liger", "lolcats"]
     liger = _rows(mmlu)[2]
@@ -107,12 +108,12 @@ def test_speed_rows_split_by_device_and_shape_and_compare_to_softmax():
     assert "TFLOP/s" in tables[2].columns and "TFLOP/s" not in tables[0].columns
 
 
-def test_no_softmax_row_means_no_percent_columns_and_a_note():
+def test_no_ok_parent_row_means_no_comparison_columns_and_a_note():
     (table,) = build_tables([record("lolcats", "mmlu5", {"acc": {"value": 0.3, "stderr": 0.01, "n": 9}}),
                              record("softmax", "mmlu5", {}, status="timeout")])
     assert not any("softmax" in c for c in table.columns)
     assert [r["status"] for r in _rows(table)] == ["timeout", "ok"]
-    assert any("no softmax row" in n for n in table.notes)
+    assert any('no row with method_role "parent"' in n for n in table.notes)
 
 
 def test_cli_report_writes_the_leaderboard_and_prints_the_tables(invoke, tmp_path):

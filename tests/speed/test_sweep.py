@@ -136,8 +136,9 @@ def test_tiny_sweep_writes_records_with_the_schema(capsys, tmp_path, fakes):
     assert {r["state_bytes"]["bytes"] for r in fake} == {8 * 16 * 16 * 4}
     # one config hash per shape, in the record path
     assert len({r["config_hash"] for r in recs}) == len(recs)
-    assert "| 64 |" in out and "| 256 |" in out and "fake-linear fwdbwd" in out
-    assert "largest T that ran" in out
+    # the report's speed table: one row per (method, mode, T), throughput vs the parent
+    assert "| fake-linear | fwd | 64 | ok |" in out and "| fake-linear | fwdbwd | 256 | ok |" in out
+    assert "tokens/s vs softmax" in out and "| softmax | fwd | 64 | ok |" in out
     assert err.count("[speed] fake-linear fwd T=") == 3
 
 
@@ -152,7 +153,9 @@ def test_timeout_and_oom_are_rows(capsys, tmp_path, fakes):
     assert "already; not run" in recs[1]["details"]["note"]
     for r in recs:
         assert r["metrics"] == {} and DETAIL_KEYS <= set(r["details"])
-    assert "| 64 | timeout |" in out and "| 128 | timeout* |" in out and "not run" in out
+    assert "| fake-linear | fwd | 64 | timeout |" in out
+    assert "| fake-linear | fwd | 128 | timeout |" in out
+    assert "fake-linear fwd T=128: timeout: timeout at T=64 already; not run" in out
     assert [r["details"]["ran"] for r in recs] == [True, False, False]
 
     # a real OutOfMemoryError at T >= 128, then larger T are oom without running
@@ -165,7 +168,7 @@ def test_timeout_and_oom_are_rows(capsys, tmp_path, fakes):
     assert "OutOfMemoryError" in oom[("fwd", 128)]["details"]["note"]
     assert "not run" in oom[("fwd", 256)]["details"]["note"]
     assert oom[("fwdbwd", 128)]["status"] == "oom"  # fwd stopped at 128: fwdbwd cannot fit
-    assert "oom at 128" in out
+    assert "fake-oom fwd T=128: oom: " in out and "fake-oom fwdbwd T=128: oom: " in out
 
     # a memory budget below the inputs themselves: oom by estimate, nothing allocated
     code, _, _ = cli(capsys, *SMALL, "--methods", "softmax", "--mode", "fwd",

@@ -1,5 +1,6 @@
-"""Passkey / needle heatmaps: accuracy over (context length x needle depth), one panel per
-method, with the exact-attention window boundary drawn where a cell's `in_window` flips.
+"""Heatmaps of a suite's (context length x needle depth) cell grids (the details keys its
+metadata lists under `heatmaps`): accuracy per cell, one panel per method, with the
+exact-attention window boundary drawn where a cell's `in_window` flips.
 """
 from __future__ import annotations
 
@@ -70,8 +71,8 @@ def _panel(ax, rec: dict, task: str):
     return im
 
 
-def recall_heatmap(i: int, table, task: str, out: Path):
-    """(title, path, caption) of one figure for `task` in recall table `i`, or None."""
+def heatmap(i: int, table, task: str, out: Path):
+    """(title, path, caption) of one figure for the `task` grids of table `i`, or None."""
     recs = [r for r in table.records
             if r.get("status") == "ok" and (r.get("details") or {}).get(task)]
     if not recs:
@@ -87,7 +88,7 @@ def recall_heatmap(i: int, table, task: str, out: Path):
         ax.set_axis_off()
     fig.colorbar(im, ax=axes[:len(recs)], shrink=0.8, label="accuracy")
     fig.suptitle(f"{task} accuracy · {table.title}", fontsize=9)
-    path = out / f"recall-{i}-{task}.png"
+    path = out / f"{table.suite}-{i}-{task}.png"
     fig.savefig(path, dpi=100)
     return (f"{task} heatmaps", path, f"{task}: accuracy (%) by context length and needle depth, one panel "
             "per method; the red line separates cells whose needle lies inside the method's "
