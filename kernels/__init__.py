@@ -1,6 +1,12 @@
 """Sequence-mixing kernels and the dispatcher that picks a backend for each call.
 
-Public API (tensors (B, T, H, D), fp32 states, see linbench.kernels.reference):
+One folder per op, each with its forms side by side (reference.py, chunked.py,
+recurrent.py, triton.py): linear/ (plain, decayed, normalized linear attention), gla/,
+delta/, window/ (window softmax and the window + linear hybrid). Shared helpers:
+common.py (torch) and triton_common.py (Triton); varlen.py packs sequences; check.py is
+the GPU device check. Conventions: linbench.kernels.common.
+
+Public API (tensors (B, T, H, D), fp32 states):
 
     linear_attention, gated_linear_attention, delta_rule          -> (o, final_state | None)
     sliding_window_attention, window_linear_attention              -> o  (or (o, state) with
@@ -8,9 +14,10 @@ Public API (tensors (B, T, H, D), fp32 states, see linbench.kernels.reference):
     *_step: one-token decode, -> (o, new_state);  WindowCache, WindowState
 
 Every full-sequence function takes `backend`:
-  "reference" - the quadratic torch references (slow, obviously correct);
-  "torch"     - chunked torch (linear in T, CPU or GPU);
-  "triton"    - linbench.kernels.triton.<name>, imported on first use (error if missing);
+  "reference" - the quadratic torch references <op>/reference.py (slow, obviously correct);
+  "torch"     - chunked torch <op>/chunked.py (linear in T, CPU or GPU);
+  "triton"    - <op>/triton.py through linbench.kernels.triton.<name>, imported on first
+                use (error if missing);
   "auto"      - triton when q is on a CUDA device and that kernel is available, else torch.
 The linear three also take `cu_seqlens` (packed sequences, see kernels.varlen) and all
 take `chunk_size` (chunk of the torch form; query block for the window ones; passed to a
@@ -21,24 +28,30 @@ from __future__ import annotations
 import importlib
 import inspect
 
-from linbench.kernels.recurrent import (WindowCache, WindowState, delta_rule_step,
-                                        gated_linear_attention_step, linear_attention_step,
-                                        sliding_window_attention_step,
-                                        window_linear_attention_step)
+from linbench.kernels.common import OPS
+from linbench.kernels.delta.recurrent import delta_rule_step
+from linbench.kernels.gla.recurrent import gated_linear_attention_step
+from linbench.kernels.linear.recurrent import linear_attention_step
+from linbench.kernels.window.recurrent import (WindowCache, WindowState,
+                                               sliding_window_attention_step,
+                                               window_linear_attention_step)
 
 BACKENDS = ("auto", "torch", "triton", "reference")
 
-# name -> (reference function, "module:function" of the torch form, its chunk keyword)
-_KERNELS = {
-    "linear_attention": ("linear_attention_ref", "chunked:linear_attention_chunked", "chunk_size"),
-    "gated_linear_attention": ("gated_linear_attention_ref", "chunked:gated_linear_attention_chunked",
-                               "chunk_size"),
-    "delta_rule": ("delta_rule_ref", "delta:delta_rule_chunked", "chunk_size"),
-    "sliding_window_attention": ("sliding_window_attention_ref", "window:sliding_window_attention_chunked",
-                                 "block"),
-    "window_linear_attention": ("window_linear_attention_ref", "window:window_linear_attention_chunked",
-                                "block"),
+# name -> the keyword of its torch form that takes `chunk_size` (the window ones: a query block)
+_CHUNK_KEYWORD = {
+    "linear_attention": "chunk_size",
+    "gated_linear_attention": "chunk_size",
+    "delta_rule": "chunk_size",
+    "sliding_window_attention": "block",
+    "window_linear_attention": "block",
 }
+
+
+def _torch_form(name: str, form: str):
+    """<op>/reference.py:<name>_ref or <op>/chunked.py:<name>_chunked."""
+    module = importlib.import_module(f"linbench.kernels.{OPS[name]}.{form}")
+    return getattr(module, name + {"reference": "_ref", "chunked": "_chunked"}[form])
 
 
 def _triton(name: str):
@@ -52,21 +65,18 @@ def _triton(name: str):
 
 
 def _resolve(name: str, backend: str, q, chunk_size):
-    """Return (function, backend actually used) with the chunk keyword bound if accepted."""
+    """(function, its chunk keyword argument): the form `backend` picks for kernel `name`."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
-    ref_name, torch_path, chunk_kw = _KERNELS[name]
     if backend == "auto":
         backend = "torch"
         if q.is_cuda:
             from linbench.kernels.triton import available
             backend = "triton" if available(name) else "torch"
     if backend == "reference":
-        return getattr(importlib.import_module("linbench.kernels.reference"), ref_name), {}
+        return _torch_form(name, "reference"), {}
     if backend == "torch":
-        module, attr = torch_path.split(":")
-        fn = getattr(importlib.import_module(f"linbench.kernels.{module}"), attr)
-        return fn, {chunk_kw: chunk_size}
+        return _torch_form(name, "chunked"), {_CHUNK_KEYWORD[name]: chunk_size}
     fn = _triton(name)
     try:
         accepts = "chunk_size" in inspect.signature(fn).parameters
@@ -122,7 +132,7 @@ def sliding_window_attention(q, k, v, *, window=64, scale=None, output_final_sta
     o = fn(q, k, v, window=window, scale=scale, **extra)
     if not output_final_state:
         return o
-    from linbench.kernels.window import window_cache
+    from linbench.kernels.window.recurrent import window_cache
     return o, window_cache(k, v, window)
 
 
@@ -133,7 +143,7 @@ def window_linear_attention(q, k, v, fq, fk, *, window=64, gamma, scale=None, ep
     y = fn(q, k, v, fq, fk, window=window, gamma=gamma, scale=scale, eps=eps, **extra)
     if not output_final_state:
         return y
-    from linbench.kernels.window import window_state
+    from linbench.kernels.window.recurrent import window_state
     return y, window_state(k, v, fk, window)
 
 

@@ -3,14 +3,18 @@
     python -m linbench.kernels.check [--json PATH] [--kernels a,b] [--autotune] [--dry-run]
 
 1. Correctness: every kernel that linbench.kernels.triton.available() reports, against its
-   reference in linbench.kernels.reference (run in float64 on the same input values), in fp32
-   and bf16: output, final state and every gradient; max |a - b| / max |b| per tensor.
-2. Timing: fwd and fwd+bwd at B1 H16 D128 bf16, T = 2K..64K, beside torch SDPA (causal,
-   flash backend) and, when `import fla` works, fla's chunk ops; triton.testing.do_bench
-   median with 20/80% quantiles, peak memory; out-of-memory is a row with status "oom".
+   op's reference (linbench.kernels.<op>.reference, run in float64 on the same input
+   values), in fp32 and bf16: output, final state and every gradient; max |a - b| / max |b|
+   per tensor.
+2. Timing: fwd and fwdbwd (gradients of every positional input) at B1 H16 D128 bf16,
+   T = 2K..64K, beside torch SDPA (causal, flash backend) and, when fla imports, the fla
+   peers of linbench.speed.peers. The timing loop is linbench.speed.timing's (on GPU
+   triton.testing.do_bench: median and 20% / 80% quantiles), with its peak memory; TFLOP/s,
+   GB/s and percent of peak come from linbench.speed.roofline. Out-of-memory is a row with
+   status "oom".
 --dry-run runs the same code at tiny shapes on CPU in the Triton interpreter (fp16 in place
-of bf16, which the interpreter breaks; a perf_counter loop in place of do_bench). Exit code 1
-when a correctness check fails.
+of bf16, which the interpreter breaks; the monotonic-clock loop in place of do_bench). Exit
+code 1 when a correctness check fails.
 """
 from __future__ import annotations
 
@@ -18,13 +22,16 @@ import argparse
 import json
 import math
 import os
-import statistics
 import time
 
 KERNELS = ["linear_attention", "gated_linear_attention", "delta_rule",
            "sliding_window_attention", "window_linear_attention"]
 TOL = {"float32": 1e-3, "bfloat16": 3e-2, "float16": 1e-2}
 SETTINGS = {"window": 64}  # window of the window kernels (LoLCATs' 64); the dry run uses 8
+# FLOP kind (linbench.speed.roofline) of each kernel's timing rows; None: no formula
+FLOP_KIND = {"linear_attention": "linear", "gated_linear_attention": "linear",
+             "delta_rule": "linear", "sliding_window_attention": None,
+             "window_linear_attention": None}
 
 
 def make_inputs(name, B, T, H, D, dtype, device, seed=0):
@@ -73,10 +80,13 @@ def _outputs(out):
 def check_correctness(name, B, T, H, D, dtype, device, states=True):
     """Max relative error of every output and gradient; PASS when all are under TOL.
     states=False drops initial_state / output_final_state (the timed configuration)."""
+    import importlib
+
     import torch
-    from linbench.kernels import reference
     from linbench.kernels import triton as kt
+    from linbench.kernels.common import OPS
     base = name.split("[")[0]
+    reference = importlib.import_module(f"linbench.kernels.{OPS[base]}.reference")
     fn, ref = getattr(kt, base), getattr(reference, base + "_ref")
     args, kw = make_inputs(name, B, T, H, D, dtype, device)
     if not states:
@@ -117,121 +127,98 @@ def _rel(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
-def flops(op, mode, B, T, H, D):
-    """Forward FLOPs (suites/README.md, "Speed"): causal softmax 2 B T^2 H D; chunked linear with chunk C = 64
-    B T H (2 C (K + V) + 4 K V). None where no formula applies."""
-    if mode != "fwd":
-        return None
-    if op == "sdpa":
-        return 2 * B * T * T * H * D
-    if op in ("triton:linear_attention", "fla:chunk_simple_gla"):
-        return B * T * H * (2 * 64 * 2 * D + 4 * D * D)
-    return None
-
-
 def timing_ops(names, device):
-    """(op label, callable(B, T, H, D, dtype) -> (fn, inputs needing grad))."""
-    import torch
+    """[(op label, FLOP kind or None, build)], build(B, T, H, D, dtype, device, grad) ->
+    (fn, inputs): fn(*inputs) returns the output timed (and differentiated in fwdbwd)."""
     from linbench.kernels import triton as kt
-    ops = [("sdpa", _sdpa_op)]
+    ops = [("sdpa", "softmax", _sdpa_op)]
     for name in names:
         if kt.available(name):
-            ops.append((f"triton:{name}", _kernel_op(getattr(kt, name), name)))
+            ops.append((f"triton:{name}", FLOP_KIND[name], _kernel_op(getattr(kt, name), name)))
         if name == "linear_attention" and kt.available(name):  # chunk 32: fewer registers
-            ops.append((f"triton:{name}[chunk32]", _kernel_op(getattr(kt, name), name, chunk=32)))
+            ops.append((f"triton:{name}[chunk32]", "linear",
+                        _kernel_op(getattr(kt, name), name, chunk=32)))
     if device == "cuda":
-        try:
-            import fla.ops.delta_rule
-            import fla.ops.gla
-            import fla.ops.simple_gla
-            ops += [("fla:chunk_simple_gla", _fla_op(fla.ops.simple_gla.chunk_simple_gla,
-                                                     "linear_attention", torch)),
-                    ("fla:chunk_gla", _fla_op(fla.ops.gla.chunk_gla, "gated_linear_attention",
-                                              torch)),
-                    ("fla:chunk_delta_rule", _fla_op(fla.ops.delta_rule.chunk_delta_rule,
-                                                     "delta_rule", torch))]
-        except Exception as e:  # noqa: BLE001 - fla is optional
-            print(f"fla unavailable: {type(e).__name__}: {e}")
+        from linbench.speed.peers import FLA_PEERS, fla_available
+        if fla_available(device):
+            ops += [(label, "linear", _peer_op(peer)) for label, peer in FLA_PEERS.items()
+                    if peer.kernel in names]
+        else:
+            print("fla unavailable: no peer rows")
     return ops
 
 
-def _sdpa_op(B, T, H, D, dtype, device):
+def _sdpa_op(B, T, H, D, dtype, device, grad):
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    q, k, v = (torch.randn(B, H, T, D, device=device, dtype=dtype) for _ in range(3))
+    qkv = [torch.randn(B, H, T, D, device=device, dtype=dtype).requires_grad_(grad)
+           for _ in range(3)]  # (B, H, T, D)
     backend = SDPBackend.FLASH_ATTENTION if device == "cuda" else SDPBackend.MATH
 
-    def fn():
+    def fn(q, k, v):
         with sdpa_kernel(backend):
             return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-    return fn, [q, k, v]
+    return fn, qkv
 
 
 def _kernel_op(kernel, name, chunk=None):
-    """chunk: run linear attention with this chunk length (module attribute linear.BT)."""
+    """chunk: run linear attention with this chunk length (module attribute BT)."""
     import importlib
 
-    def build(B, T, H, D, dtype, device):
+    def build(B, T, H, D, dtype, device, grad):
         args, kw = make_inputs(name, B, T, H, D, dtype, device)
         kw.pop("initial_state", None)
         kw.pop("output_final_state", None)
+        inputs = [a.requires_grad_(grad) for a in args]
         if chunk is None:
-            return (lambda: kernel(*args, **kw)), list(args[:3])
+            return (lambda *xs: _outputs(kernel(*xs, **kw))[0]), inputs
         module = importlib.import_module(kernel.__module__)
 
-        def run():
+        def run(*xs):
             old, module.BT = module.BT, chunk
             try:
-                return kernel(*args, **kw)
+                return _outputs(kernel(*xs, **kw))[0]
             finally:
                 module.BT = old
-        return run, list(args[:3])
+        return run, inputs
     return build
 
 
-def _fla_op(kernel, name, torch):
-    def build(B, T, H, D, dtype, device):
-        args, kw = make_inputs(name, B, T, H, D, dtype, device)
-        extra = {"g_gamma": kw["decay"]} if name == "linear_attention" else {}
-        return (lambda: kernel(*args, **extra)), list(args[:3])
+def _peer_op(peer):
+    def build(B, T, H, D, dtype, device, grad):
+        inputs = [x.requires_grad_(grad) for x in peer.inputs(B, T, H, D, dtype, device)]
+        return peer.function(), inputs
     return build
 
 
-def bench(build, mode, B, T, H, D, dtype, device, dry):
-    """Median and 20/80% quantiles in ms, peak memory in GB, status ("ok", "oom", "error: ...")."""
+def bench(op, mode, B, T, H, D, dtype, device, dry):
+    """One timing row: median and 20% / 80% quantiles in ms, peak memory in GiB, the
+    roofline numbers where the op has a FLOP kind, status ("ok", "timeout", "oom",
+    "error: ...")."""
     import torch
-    row = {"T": T, "mode": mode, "status": "ok"}
+
+    from linbench.speed import roofline, timing
+    label, kind, build = op
+    row = {"op": label, "T": T, "mode": mode, "B": B, "H": H, "D": D, "status": "ok"}
     try:
-        fn, leaves = build(B, T, H, D, dtype, device)
-        if mode == "fwd+bwd":
-            for x in leaves:
-                x.requires_grad_(True)
-            o = _outputs(fn())[0]
-            do = torch.randn_like(o)
-            step = lambda: _outputs(fn())[0].backward(do)  # noqa: E731
-        else:
-            step = lambda: fn()  # noqa: E731
-        if device == "cuda":
-            import triton.testing
-            torch.cuda.reset_peak_memory_stats()
-            med, p20, p80 = triton.testing.do_bench(
-                step, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8],
-                grad_to_none=leaves if mode != "fwd" else None)
-            row["peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        else:
-            step()  # warm-up
-            times = []
-            for _ in range(1 if dry else 5):
-                t0 = time.perf_counter()
-                step()
-                times.append((time.perf_counter() - t0) * 1e3)
-            med, p20, p80 = statistics.median(times), min(times), max(times)
-        row.update(ms=med, p20=p20, p80=p80)
-    except torch.cuda.OutOfMemoryError:
-        row["status"] = "oom"
+        with timing.PeakMemory(device) as mem:
+            fn, inputs = build(B, T, H, D, dtype, device, mode == "fwdbwd")
+            run = timing.prepared_call(fn, inputs, [], mode)
+            ms, reps, status = timing.time_call(run, device, cap_s=60.0,
+                                                target_s=0.01 if dry else 0.1,
+                                                min_reps=1 if dry else 3,
+                                                max_reps=2 if dry else 1000)
+            del run, fn, inputs
+        row.update(status=status, ms=ms[0], q20=ms[1], q80=ms[2], reps=reps,
+                   peak_gb=None if mem.bytes is None else mem.bytes / 2**30)
+        if kind and status == "ok":
+            elem = torch.empty((), dtype=dtype).element_size()
+            row.update(roofline.roofline(
+                roofline.kernel_flops(kind, B, T, H, D, mode),
+                roofline.kernel_io_bytes(B, T, H, D, elem, mode), ms[0] / 1e3,
+                torch.cuda.get_device_name() if device == "cuda" else "cpu", dtype))
     except Exception as e:  # noqa: BLE001 - every failure is a row, never a crash
-        oom = "out of memory" in str(e)
-        row["status"] = "oom" if oom else f"error: {type(e).__name__}: {e}"[:300]
+        row["status"] = "oom" if timing.is_oom(e) else f"error: {type(e).__name__}: {e}"[:300]
     if device == "cuda":
         torch.cuda.empty_cache()
     return row
@@ -277,8 +264,10 @@ def main(argv=None):
         (B, H, D), t_dtype = (1, 16, 128), half
 
     import triton
+
+    from linbench.speed.peers import fla_version
     results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)",
-               "torch": torch.__version__, "triton": triton.__version__, "fla": _fla_version(),
+               "torch": torch.__version__, "triton": triton.__version__, "fla": fla_version(),
                "autotune": bool(args.autotune), "correctness": [], "timing": []}
     print(f"== correctness on {results['device']}")
     variants = [v for n in names
@@ -300,32 +289,22 @@ def main(argv=None):
             print(f"{name:32s} {r['dtype']:9s} max_err {r.get('max_err', float('nan')):.2e} "
                   f"{r['status']}" + (f"  {r['error']}" if "error" in r else ""), flush=True)
 
-    print(f"== timing B{B} H{H} D{D} {str(t_dtype).split('.')[-1]}, ms (median)")
-    for label, build in timing_ops(names, device):
-        for mode in ("fwd", "fwd+bwd"):
+    print(f"== timing B{B} H{H} D{D} {str(t_dtype).split('.')[-1]}, ms: median [q20, q80]")
+    for op in timing_ops(names, device):
+        for mode in ("fwd", "fwdbwd"):
             for T in t_list:
                 if time.time() - start > args.budget_s:
-                    row = {"T": T, "mode": mode, "status": "skipped (time budget)"}
+                    row = {"op": op[0], "T": T, "mode": mode, "B": B, "H": H, "D": D,
+                           "status": "skipped (time budget)"}
                 else:
-                    row = bench(build, mode, B, T, H, D, t_dtype, device, args.dry_run)
-                fl = flops(label, mode, B, T, H, D)
-                if fl and row["status"] == "ok":
-                    row["tflops"] = fl / (row["ms"] * 1e-3) / 1e12
-                results["timing"].append(dict(row, op=label, B=B, H=H, D=D))
+                    row = bench(op, mode, B, T, H, D, t_dtype, device, args.dry_run)
+                results["timing"].append(row)
     _print_table(results["timing"], t_list)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
     print(f"done in {time.time() - start:.0f} s")
     return 1 if any(r["status"] == "FAIL" for r in results["correctness"]) else 0
-
-
-def _fla_version():
-    try:
-        import fla
-        return getattr(fla, "__version__", "unknown")
-    except Exception:  # noqa: BLE001 - optional
-        return None
 
 
 def _print_table(rows, t_list):
@@ -336,7 +315,7 @@ def _print_table(rows, t_list):
         cells = []
         for T in t_list:
             r = next(r for r in rows if (r["op"], r["mode"], r["T"]) == (op, mode, T))
-            cells.append(f"{r['ms']:.3f} [{r['p20']:.3f},{r['p80']:.3f}]" if r["status"] == "ok"
+            cells.append(f"{r['ms']:.3f} [{r['q20']:.3f},{r['q80']:.3f}]" if r["status"] == "ok"
                          else r["status"].split(":")[0][:22])
         print(f"{op:32s} {mode:8s}" + "".join(f"  {c:>22s}" for c in cells))
 

@@ -5,7 +5,8 @@ Sequences are packed along T: q (1, total, H, K), sequence n occupying
 splits the packed tensors, runs the per-sequence function on each (with its own initial
 state), concatenates the outputs along T and stacks the final states (N, H, K, V).
 Cost: one call per sequence (fine for training batches of a few long sequences; many
-short sequences pay Python overhead per call).
+short sequences pay Python overhead per call). The public functions of linbench.kernels
+take `cu_seqlens=` and call this with the form their backend picked.
 """
 from __future__ import annotations
 
@@ -65,28 +66,3 @@ def run_varlen(fn: Callable, seq: tuple, cu_seqlens, *, initial_state=None,
             finals[n] = (initial_state[n] if initial_state is not None else torch.zeros_like(like)
                          ).float()[None]
     return o, torch.cat(finals, 0)
-
-
-def linear_attention_varlen(q, k, v, cu_seqlens, *, fn=None, **kwargs):
-    """linear_attention over packed sequences (fn defaults to the chunked torch form)."""
-    if fn is None:
-        from linbench.kernels.chunked import linear_attention_chunked as fn
-    return run_varlen(fn, (q, k, v), cu_seqlens, **kwargs)
-
-
-def gated_linear_attention_varlen(q, k, v, g, cu_seqlens, *, fn=None, **kwargs):
-    """gated_linear_attention over packed sequences; g (1, total, H, K) is split too."""
-    if fn is None:
-        from linbench.kernels.chunked import gated_linear_attention_chunked as fn
-    return run_varlen(fn, (q, k, v, g), cu_seqlens, **kwargs)
-
-
-def delta_rule_varlen(q, k, v, beta, cu_seqlens, *, g=None, fn=None, **kwargs):
-    """delta_rule over packed sequences; beta and g (1, total, H) are split too."""
-    if fn is None:
-        from linbench.kernels.delta import delta_rule_chunked as fn
-    return run_varlen(fn, (q, k, v, beta), cu_seqlens, seq_kwargs={"g": g}, **kwargs)
-
-
-__all__ = ["run_varlen", "linear_attention_varlen", "gated_linear_attention_varlen",
-           "delta_rule_varlen"]

@@ -223,7 +223,8 @@ def speed(seqlens, methods, modes, batch, heads, dim, dtype, device, backend, ti
         torch.set_num_threads(threads)
     from linbench.report.build import tables
     from linbench.speed.sweep import SpeedConfig, fmt_len, sweep
-    from linbench.speed.targets import FLA_PEERS, check_device, fla_available
+    from linbench.speed.peers import FLA_PEERS, fla_available
+    from linbench.speed.targets import check_device
     device = device or _default_device()
     check_device(device)
     cuda = device.startswith("cuda")

@@ -2,7 +2,7 @@
 
 - no cycles between modules (module-level and function-level imports alike);
 - kernels/ imports nothing of the harness (kernels/check.py, the device check CLI on top of
-  the kernels, may use speed's one timing loop and roofline);
+  the kernels, may use speed's one timing loop, roofline model and fla peer list);
 - methods/ imports only kernels, methods and the ground floor (errors, registry, units,
   assets): never recovery, run, speed or report;
 - suites/ never imports recovery, run, speed or report;
@@ -122,7 +122,8 @@ def test_layer_rules(prefix, allowed, exempt):
 
 def test_the_device_check_uses_only_speeds_timing():
     extra = {t for t in GRAPH["linbench.kernels.check"] if not _under(t, "linbench.kernels")}
-    assert extra <= {"linbench.speed.timing", "linbench.speed.roofline", "linbench.units"}, extra
+    assert extra <= {"linbench.speed.timing", "linbench.speed.roofline", "linbench.speed.peers",
+                     "linbench.units"}, extra
 
 
 def test_at_most_ten_top_level_modules():

@@ -20,14 +20,14 @@ ROOT = Path(__file__).resolve().parent.parent
 CHECK = """
 import importlib.util, json, sys
 from importlib import resources
-import linbench.kernels.reference, linbench.kernels.triton, linbench.methods.softmax
+import linbench.kernels.linear.reference, linbench.kernels.triton, linbench.methods.softmax
 import linbench.suites.base, linbench.cli
 for generic in ("kernels", "methods", "suites"):
     assert importlib.util.find_spec(generic) is None, generic + " leaked as a top-level name"
 assert json.loads(resources.files("linbench").joinpath("data_lock.json").read_text())["wheels"]
 yamls = [p.name for p in resources.files("linbench.suites").joinpath("tasks").iterdir()]
 assert any(n.endswith(".yaml") for n in yamls), yamls
-print("OK", linbench.kernels.reference.__file__)
+print("OK", linbench.kernels.linear.reference.__file__)
 """
 
 

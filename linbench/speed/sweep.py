@@ -186,7 +186,8 @@ def _announce(cfg: SpeedConfig, run, kernel_modes, model_modes, peers, echo) -> 
 def sweep(cfg: SpeedConfig, echo=print, model: ModelSource | None = None) -> list[dict]:
     """Run (or reuse) every shape; returns the records in sweep order."""
     from linbench import registry
-    from linbench.speed.targets import FLA_PEERS, fla_target, method_kernel_target, model_target
+    from linbench.speed.peers import FLA_PEERS
+    from linbench.speed.targets import fla_target, method_kernel_target, model_target
     run = _Sweep(cfg, echo)
     kernel_modes = [m for m in cfg.modes if m in ("fwd", "fwdbwd")]
     model_modes = [m for m in cfg.modes if m in ("prefill", "decode")]

@@ -1,11 +1,13 @@
-"""How `linbench speed` measures one shape: timing, peak memory, and the Guard that skips
-shapes predicted to time out or run out of memory. The timing loop is shared with
-`python -m linbench.kernels.bench`.
+"""The one timing loop: how `linbench speed` and the kernel device check
+(`python -m linbench.kernels.check`) time a call, measure its peak memory, and (speed) the
+Guard that skips shapes predicted to time out or run out of memory.
 
-Timing (suites/README.md, "Speed"): inputs are prepared by the caller outside the timed region; the
-first call is the warm-up and the time-cap check; then the median with 20% / 80% quantiles
-of a loop on the monotonic clock (CPU, with torch.cuda.synchronize around each call on a
-GPU) or of `triton.testing.do_bench` (GPU, CUDA events, L2 flushed between reps).
+Timing (suites/README.md, "Speed"): inputs are prepared by the caller outside the timed
+region (`prepared_call` builds the fwd / fwd + bwd call); the first call is the warm-up
+and the time-cap check; then the median with the 20% / 80% quantiles (linear
+interpolation over the repetitions, not their min / max) of a loop on the monotonic
+clock (CPU, with torch.cuda.synchronize around each call on a GPU) or of
+`triton.testing.do_bench` (GPU, CUDA events, L2 flushed between reps).
 
 Peak memory: CUDA `max_memory_allocated` after `reset_peak_memory_stats`; CPU the process
 resident-set high-water mark (VmHWM of /proc/self/status, reset by writing "5" to
@@ -39,6 +41,30 @@ def is_oom(err: BaseException) -> bool:
         return True
     msg = str(err).lower()
     return "out of memory" in msg or "can't allocate memory" in msg
+
+
+def prepared_call(fn, inputs, params, mode):
+    """The zero-argument call timed in `mode`. fwd: fn(*inputs) under no_grad; fwdbwd:
+    forward + torch.autograd.grad w.r.t. the inputs and `params` (trainable parameters),
+    so no .grad accumulates between reps; the output gradient is built on the first
+    (warm-up) call. fn returns the output tensor."""
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                fn(*inputs)
+        return run
+    if mode != "fwdbwd":
+        raise ValueError(f"unknown mode {mode!r} (fwd or fwdbwd)")
+    wrt = [*inputs, *params]
+    do = None
+
+    def run_bwd():
+        nonlocal do
+        o = fn(*inputs)
+        if do is None:
+            do = torch.randn_like(o)
+        torch.autograd.grad(o, wrt, do, allow_unused=True)
+    return run_bwd
 
 
 def _sync(device: torch.device):
@@ -280,16 +306,12 @@ def run_shape(target, mode, T, cfg, dtype, device_name, guard, cheaper=None):
     metrics = {"ms": {"value": ms[0], "stderr": None, "n": reps},
                "tokens_per_s": {"value": tokens / (ms[0] / 1e3), "stderr": None, "n": reps}}
     if device.type == "cuda" and target.level == "kernel":
-        from linbench.speed.targets import device_peaks, kernel_flops, kernel_io_bytes
+        from linbench.speed.roofline import FLOP_KINDS, kernel_flops, kernel_io_bytes, roofline
         B, H, D = details["batch"], details["heads"], details["dim"]
         flops = (target.flops(B, T, mode) if target.flops else
-                 kernel_flops(target.flops_kind, B, T, H, D, mode))
-        seconds = ms[0] / 1e3
-        peak_tf, peak_tb = device_peaks(device_name, dtype)
-        tflops = flops / seconds / 1e12
-        gbps = kernel_io_bytes(B, T, H, D, torch.empty((), dtype=dtype).element_size(),
-                               mode) / seconds / 1e9
-        details.update(flops=flops, tflops=tflops, gbps=gbps,
-                       pct_peak=100 * tflops / peak_tf if peak_tf else None,
-                       pct_peak_bw=100 * gbps / (peak_tb * 1e3) if peak_tb else None)
+                 kernel_flops(target.flops_kind, B, T, H, D, mode)
+                 if target.flops_kind in FLOP_KINDS else None)
+        if flops is not None:
+            io = kernel_io_bytes(B, T, H, D, torch.empty((), dtype=dtype).element_size(), mode)
+            details.update(roofline(flops, io, ms[0] / 1e3, device_name, dtype))
     return status, metrics, details

@@ -3,7 +3,8 @@
     python -m pytest tests/benchmarks --benchmark-enable --benchmark-columns=median,iqr
 
 Under the default --benchmark-disable each body runs once, as a smoke test. Sweeps over
-sequence length live in `python -m linbench.kernels.bench`.
+sequence length, with status rows for timeouts and out-of-memory, are `linbench speed`
+(kernel level: `--mode fwd,fwdbwd`; tests/speed checks its rows, not its timings).
 """
 from __future__ import annotations
 

@@ -1,7 +1,11 @@
-"""Shared grid and helpers for the kernel tests.
+"""Shared grid and helpers for the kernel tests (one file per op: test_linear, test_gla,
+test_delta, test_window; each compares every fast form, chunked torch, recurrent steps and
+Triton, against the op's reference, outputs and every gradient).
 
 Tests that take a `shape` or `dtype` argument (and do not parametrize it themselves) run
-over SHAPES x DTYPES. Helpers come from the `kit` fixture:
+over SHAPES x DTYPES. Triton runs in the CPU interpreter when there is no GPU
+(tests/conftest.py), ~70x slower than torch: Triton tests keep their own small cases.
+Helpers come from the `kit` fixture:
 
     kit.qkv(shape, dtype, positive=False)    leaf q, k, v (k, v with shape.Hkv heads)
     kit.heads(x, shape)                      repeat GQA key/value heads to H (before calls)
@@ -10,6 +14,10 @@ over SHAPES x DTYPES. Helpers come from the `kit` fixture:
     kit.double(leaves)                       fp64 leaf copies for the reference run
     kit.close(a, b, what)                    a vs reference b, tolerance by a's dtype
     kit.compare(fast, ref, leaves, names)    outputs + every gradient, ref on fp64 copies
+    kit.steps(step, seq, state, **kw)        a decode step applied token by token -> (o, state)
+    kit.handoff(full, step, seq, T0)         prefill T0 tokens, decode the rest == one call
+    kit.compare_exact(call, fast, ref, x, grad_names, tol)
+                                             a Triton kernel vs the fp64 reference, same values
 """
 from __future__ import annotations
 
@@ -149,15 +157,90 @@ def compare(fast, ref, leaves, names, out_names=("o", "final state"), floors=Non
     return out
 
 
+def steps(step, seq, state=None, seq_kw=None, **kw):
+    """The recurrent form over a whole sequence: step(*seq[:, t], state, **seq_kw[:, t], **kw)
+    for t = 0 .. T-1. seq: (B, T, ...) tensors; seq_kw: {name: (B, T, ...) tensor or None}.
+    Returns (o (B, T, ...) stacked, the last state); differentiable."""
+    outs = []
+    for t in range(seq[0].shape[1]):
+        per_token = {n: None if x is None else x[:, t] for n, x in (seq_kw or {}).items()}
+        o, state = step(*(x[:, t] for x in seq), state, **per_token, **kw)
+        outs.append(o)
+    return torch.stack(outs, 1), state
+
+
+def rel(a, b) -> float:
+    """max |a - b| / max |b|."""
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+def compare_exact(call, fast, ref, x, grad_names, tol, what=""):
+    """call(fast, x) -> (o, final or None) against call(ref, float64 copies of x): the same
+    input values, so a fp32 or fp16 kernel is measured against exact-ish truth. Every output
+    and the gradient of each tensor in grad_names: max |a - b| / max |b| <= tol.
+    Returns the fast outputs."""
+    ours = {n: t.clone().requires_grad_(n in grad_names) for n, t in x.items()}
+    exact = {n: t.double().requires_grad_(n in grad_names) for n, t in x.items()}
+    o, fin = call(fast, ours)
+    o_ref, fin_ref = call(ref, exact)
+    assert o.shape == o_ref.shape and (fin is None) == (fin_ref is None)
+    gen = _gen(1)
+    do = torch.randn(o_ref.shape, generator=gen, dtype=torch.float64).to(o_ref.device)
+    loss, loss_ref = (o.double() * do).sum(), (o_ref * do).sum()
+    errs = {"o": rel(o, o_ref)}
+    if fin is not None:
+        assert fin.dtype == torch.float32
+        dfin = torch.randn(fin_ref.shape, generator=gen, dtype=torch.float64).to(o_ref.device)
+        loss, loss_ref = loss + (fin.double() * dfin).sum(), loss_ref + (fin_ref * dfin).sum()
+        errs["final"] = rel(fin, fin_ref)
+    loss.backward()
+    loss_ref.backward()
+    for n in grad_names:
+        assert ours[n].grad is not None and ours[n].grad.dtype == ours[n].dtype, n
+        assert torch.isfinite(ours[n].grad).all(), n
+        errs["d" + n] = rel(ours[n].grad, exact[n].grad)
+    bad = {n: e for n, e in errs.items() if not e <= tol}
+    assert not bad, f"{what}: errors over {tol}: {bad} (all: {errs})"
+    return o, fin
+
+
+def _cut(xs, sl):
+    return {n: None if x is None else x[:, sl] for n, x in xs.items()}
+
+
+def handoff(full, step, seq, T0, seq_kw=None, **kw):
+    """Prefill T0 tokens with full(*seq, **seq_kw) -> (o, state) (a chunked form asked for
+    its final state), decode the other tokens from that state with step, token by token:
+    the outputs and the final state must equal one full call over all the tokens."""
+    seq_kw = seq_kw or {}
+    o_full, state_full = full(*seq, **seq_kw)
+    state = None
+    if T0:
+        _, state = full(*(x[:, :T0] for x in seq), **_cut(seq_kw, slice(None, T0)))
+    o, state = steps(step, [x[:, T0:] for x in seq], state, _cut(seq_kw, slice(T0, None)), **kw)
+    # A prefill hands over an fp32 state (the contract), so decoding after it is fp32-exact.
+    close(o, o_full[:, T0:], "o", tol=1e-4 if T0 else None)
+    assert o.dtype == o_full.dtype
+    if isinstance(state_full, tuple):  # window caches: tensors of the last tokens, kv sums
+        assert type(state) is type(state_full)
+        for field, a, b in zip(state_full._fields, state_full, state):
+            close(a, b, f"state.{field}")
+    else:
+        close(state_full, state, "final state")
+
+
 @pytest.fixture
 def kit():
     return types.SimpleNamespace(qkv=qkv, heads=heads, log_gates=log_gates, grads=grads,
-                                 double=double, close=close, compare=compare, Shape=Shape)
+                                 double=double, close=close, compare=compare, steps=steps,
+                                 handoff=handoff, rel=rel, compare_exact=compare_exact,
+                                 Shape=Shape)
 
 
 @pytest.fixture
 def many_segments(monkeypatch):
     """Force one chunk per segment in the torch chunked scan (many checkpointed segments)."""
-    from linbench.kernels import chunked
-    monkeypatch.setattr(chunked, "SEGMENT_TOKEN_HEADS", 1)
-    monkeypatch.setattr(chunked, "SEGMENT_TOKEN_HEADS_CHANNEL", 1)
+    from linbench.kernels.gla import chunked as gla_chunked
+    from linbench.kernels.linear import chunked as linear_chunked
+    monkeypatch.setattr(linear_chunked, "SEGMENT_TOKEN_HEADS", 1)
+    monkeypatch.setattr(gla_chunked, "SEGMENT_TOKEN_HEADS", 1)

@@ -1,4 +1,5 @@
-"""The public dispatcher linbench.kernels: backend routing, errors, lazy triton import."""
+"""The public dispatcher linbench.kernels: backend routing, errors, the lazy Triton
+namespace linbench.kernels.triton, and importing no triton until asked."""
 from __future__ import annotations
 
 import subprocess
@@ -9,7 +10,10 @@ import pytest
 import torch
 
 import linbench.kernels as K
-from linbench.kernels import chunked, window
+from linbench.kernels.common import OPS
+from linbench.kernels.linear.chunked import linear_attention_chunked
+from linbench.kernels.window.chunked import (sliding_window_attention_chunked,
+                                             window_linear_attention_chunked)
 
 B, T, H, D = 1, 40, 2, 8
 
@@ -57,11 +61,11 @@ def test_torch_backend_is_the_chunked_form():
     d = _inputs()
     o, s = K.linear_attention(d["q"], d["k"], d["v"], output_final_state=True, chunk_size=8,
                               backend="torch")
-    o2, s2 = chunked.linear_attention_chunked(d["q"], d["k"], d["v"], output_final_state=True,
-                                              chunk_size=8)
+    o2, s2 = linear_attention_chunked(d["q"], d["k"], d["v"], output_final_state=True,
+                                      chunk_size=8)
     assert torch.equal(o, o2) and torch.equal(s, s2)
     o = K.sliding_window_attention(d["q"], d["k"], d["v"], window=5, chunk_size=4, backend="torch")
-    assert torch.equal(o, window.sliding_window_attention_chunked(d["q"], d["k"], d["v"], window=5, block=4))
+    assert torch.equal(o, sliding_window_attention_chunked(d["q"], d["k"], d["v"], window=5, block=4))
 
 
 @pytest.mark.parametrize("backend", ["torch", "reference"])
@@ -69,8 +73,8 @@ def test_window_states_from_any_backend(kit, backend):
     d = _inputs()
     y, state = K.window_linear_attention(d["q"], d["k"], d["v"], d["fq"], d["fk"], window=8,
                                          gamma=d["gamma"], output_final_state=True, backend=backend)
-    _, want = window.window_linear_attention_chunked(d["q"], d["k"], d["v"], d["fq"], d["fk"], window=8,
-                                                     gamma=d["gamma"], output_final_state=True)
+    _, want = window_linear_attention_chunked(d["q"], d["k"], d["v"], d["fq"], d["fk"], window=8,
+                                              gamma=d["gamma"], output_final_state=True)
     assert isinstance(state, K.WindowState)
     kit.close(state.kv, want.kv, "kv")
     assert all(torch.equal(a, b) for a, b in zip(state[1:], want[1:]))
@@ -115,7 +119,7 @@ def test_triton_backend_routes_and_binds_chunk_size_only_if_accepted(monkeypatch
     cuda_like = types.SimpleNamespace(is_cuda=True)
     assert K._resolve("linear_attention", "auto", cuda_like, 64)[0] is linear_attention
     assert K._resolve("delta_rule", "auto", cuda_like, 64)[0].__name__ == "delta_rule_chunked"
-    assert K._resolve("linear_attention", "auto", d["q"], 64)[0] is chunked.linear_attention_chunked
+    assert K._resolve("linear_attention", "auto", d["q"], 64)[0] is linear_attention_chunked
 
 
 def test_missing_triton_kernel_is_a_clear_error(monkeypatch):
@@ -135,6 +139,29 @@ def test_real_triton_kernel_when_available(kit):
     o = K.sliding_window_attention(q, k, v, window=6, backend="triton")
     kit.close(o, K.sliding_window_attention(q.double(), k.double(), v.double(), window=6,
                                             backend="reference"), "o", tol=1e-3)
+
+
+def test_every_form_of_every_kernel_is_in_its_op_folder():
+    """<op>/reference.py <name>_ref, chunked.py <name>_chunked, recurrent.py <name>_step,
+    triton.py <name> (the Triton one imported through linbench.kernels.triton)."""
+    import importlib
+    assert set(OPS) == set(CALLS)
+    for name, op in OPS.items():
+        for form, attr in (("reference", name + "_ref"), ("chunked", name + "_chunked"),
+                           ("recurrent", name + "_step")):
+            module = importlib.import_module(f"linbench.kernels.{op}.{form}")
+            assert callable(getattr(module, attr)), (op, form, attr)
+        assert getattr(K, name + "_step") is getattr(
+            importlib.import_module(f"linbench.kernels.{op}.recurrent"), name + "_step")
+
+
+def test_available_reports_every_kernel():
+    pytest.importorskip("triton")
+    from linbench.kernels import triton as kt
+    from linbench.kernels.linear.triton import linear_attention
+    assert all(kt.available(name) for name in OPS)
+    assert not kt.available("no_such_kernel")
+    assert kt.linear_attention is linear_attention
 
 
 def test_import_does_not_import_triton():

@@ -1,6 +1,6 @@
 """External oracle: fla's naive token-recurrent functions (CPU torch, written by others).
 
-Our references (linbench.kernels.reference) and chunked torch forms are checked against
+Our references (linbench.kernels.<op>.reference) and chunked torch forms are checked against
 fla 0.6's slow twins: output, final state and every gradient, in fp32 (fla's naive
 functions compute in fp32 whatever the input dtype). Conventions mapped here:
   - fla.ops.linear_attn.naive_recurrent_linear_attn: (B, T, H, D), normalize divides by
@@ -17,11 +17,13 @@ error, not a skip); only fla itself may be absent.
 """
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from linbench.kernels import reference
+from linbench.kernels.common import OPS
 
 pytest.importorskip("fla")
 from fla.ops.delta_rule.naive import delta_rule_recurrence  # noqa: E402
@@ -36,13 +38,8 @@ TOL = 1e-4
 
 def ours(kind: str, op: str):
     """Our implementation `op` in form `kind` ("reference" or "chunked")."""
-    if kind == "reference":
-        return getattr(reference, f"{op}_ref")
-    if op == "delta_rule":
-        from linbench.kernels.delta import delta_rule_chunked
-        return delta_rule_chunked
-    from linbench.kernels import chunked
-    return getattr(chunked, f"{op}_chunked")
+    module = importlib.import_module(f"linbench.kernels.{OPS[op]}.{kind}")
+    return getattr(module, op + {"reference": "_ref", "chunked": "_chunked"}[kind])
 
 
 def leaves(seed: int, init: bool, **extra):

@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 
 import linbench.kernels as K
-from linbench.kernels import reference as ref
+from linbench.kernels.delta.reference import delta_rule_ref
+from linbench.kernels.gla.reference import gated_linear_attention_ref
+from linbench.kernels.linear.reference import linear_attention_ref
 from linbench.kernels.varlen import run_varlen
 
 CU = [0, 17, 17, 60, 100]  # an empty sequence and lengths that are not multiples of 16
@@ -49,7 +51,7 @@ def test_linear_varlen(kit, dtype, backend):
     kit.compare(lambda q, k, v, s: K.linear_attention(q, k, v, decay=decay, normalize=True,
                                                       initial_state=s, output_final_state=True,
                                                       cu_seqlens=cu, chunk_size=16, backend=backend),
-                lambda q, k, v, s: _per_sequence(ref.linear_attention_ref, (q, k, v), s,
+                lambda q, k, v, s: _per_sequence(linear_attention_ref, (q, k, v), s,
                                                  decay=decay.double(), normalize=True),
                 leaves, ["q", "k", "v", "initial_state"])
 
@@ -63,7 +65,7 @@ def test_gla_varlen(kit, dtype):
     kit.compare(lambda q, k, v, gt, s: K.gated_linear_attention(
                     q, k, v, gt, initial_state=s, output_final_state=True, cu_seqlens=cu,
                     chunk_size=16, backend="torch"),
-                lambda q, k, v, gt, s: _per_sequence(ref.gated_linear_attention_ref, (q, k, v, gt), s),
+                lambda q, k, v, gt, s: _per_sequence(gated_linear_attention_ref, (q, k, v, gt), s),
                 leaves, ["q", "k", "v", "g", "initial_state"])
 
 
@@ -78,7 +80,7 @@ def test_delta_varlen(kit, dtype):
     kit.compare(lambda q, k, v, b, gt, s: K.delta_rule(
                     q, k, v, b, g=gt, initial_state=s, output_final_state=True, cu_seqlens=cu,
                     chunk_size=16, backend="torch"),
-                lambda q, k, v, b, gt, s: _per_sequence(ref.delta_rule_ref, (q, k, v, b), s,
+                lambda q, k, v, b, gt, s: _per_sequence(delta_rule_ref, (q, k, v, b), s,
                                                         seq_kw={"g": gt}),
                 leaves, ["q", "k", "v", "beta", "g", "initial_state"])
 
@@ -88,7 +90,7 @@ def test_varlen_without_states():
     o, final = K.linear_attention(q, k, v, cu_seqlens=torch.tensor(CU), backend="torch")
     assert final is None
     lo, hi = CU[3], CU[4]
-    o_last, _ = ref.linear_attention_ref(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi])
+    o_last, _ = linear_attention_ref(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi])
     assert torch.allclose(o[:, lo:hi], o_last, atol=1e-12)
     _, final = K.linear_attention(q, k, v, cu_seqlens=torch.tensor(CU), output_final_state=True)
     assert final.shape == (N, H, DK, DV) and torch.all(final[1] == 0)  # the empty sequence

@@ -253,7 +253,7 @@ def test_model_level_prefill_decode_on_tiny_llama(tmp_path):
 
 
 def test_roofline_helpers():
-    from linbench.speed.targets import device_peaks, kernel_flops, kernel_io_bytes
+    from linbench.speed.roofline import device_peaks, kernel_flops, kernel_io_bytes
     assert device_peaks("NVIDIA H100 80GB HBM3", torch.bfloat16) == (989.0, 3.35)
     assert device_peaks("NVIDIA H200", torch.bfloat16) == (989.0, 4.8)
     assert device_peaks("NVIDIA H100 PCIe", torch.float16)[1] == 2.0

@@ -22,8 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-from linbench.kernels.triton.common import (check_inputs, dot_precision, init_state,
-                                            load_tile, pow2, store_tile, tuned)
+from linbench.kernels.common import check_shapes, default_scale
+from linbench.kernels.triton_common import (dot_precision, init_state, load_tile, pow2,
+                                            store_tile, tuned)
 
 BT = 64  # chunk length: Lightning Attention-2's block size
 
@@ -227,9 +228,10 @@ class _LinearAttention(torch.autograd.Function):
 def linear_attention(q, k, v, *, decay=None, normalize=False, scale=None, eps=1e-6,
                      initial_state=None, output_final_state=False):
     """Causal linear attention (Triton, chunked); same contract as
-    linbench.kernels.reference.linear_attention_ref. Returns (o, final_state or None)."""
-    check_inputs(q, k, v, initial_state, state_extra=int(normalize), decay=(decay, q.shape[2:3]))
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    linbench.kernels.linear.reference.linear_attention_ref. Returns (o, final_state or None)."""
+    check_shapes(q, k, v, initial_state=initial_state, state_extra=int(normalize),
+                 decay=(decay, q.shape[2:3]))
+    scale = default_scale(q, scale)
     out_dtype = v.dtype
     if normalize:  # v augmented with ones: the normalizer rides in the last state column
         v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)

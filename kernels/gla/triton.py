@@ -12,8 +12,9 @@ Every exponent is a difference "later minus earlier" of a cumulative sum of g <=
 (Q e^G)(K e^-G)^T, whose e^-G overflows fp32 once a chunk's gates sum below -88 (e.g. -8 per
 step over 12 steps).
 
-Grids as in linear.py: forward and dv sweep per (value block, batch*head) with full K, dq and
-dk per (key block, batch*head) with full V; states live in registers, never in memory.
+Grids as in linbench.kernels.linear.triton: forward and dv sweep per (value block,
+batch*head) with full K, dq and dk per (key block, batch*head) with full V; states live in
+registers, never in memory.
 
 Gate gradient: write q~_t = q_t e^(G_t), k~_t = k_t e^(-G_t) with G the global cumulative
 log-gate. The outputs depend on G only through q~ and k~, so dL/dG_t = q_t dq_t - k_t dk_t,
@@ -30,9 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
-from linbench.kernels.triton.common import (check_inputs, dot_precision, init_state,
-                                            load_tile, pow2, state_tile, store_tile, tile,
-                                            tuned)
+from linbench.kernels.common import check_shapes, default_scale
+from linbench.kernels.triton_common import (dot_precision, init_state, load_tile, pow2,
+                                            state_tile, store_tile, tile, tuned)
 
 BT = 16  # chunk length (tl.dot needs >= 16)
 BKS = 32  # key slice of the pairwise (BT, BT, BKS) tensor
@@ -263,9 +264,9 @@ class _GatedLinearAttention(torch.autograd.Function):
 def gated_linear_attention(q, k, v, g, *, scale=None, initial_state=None,
                            output_final_state=False):
     """GLA with per-channel log-gates g (B, T, H, K) (Triton, chunked); same contract as
-    linbench.kernels.reference.gated_linear_attention_ref. Returns (o, final_state or None)."""
-    check_inputs(q, k, v, initial_state, g=(g, q.shape))
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    linbench.kernels.gla.reference.gated_linear_attention_ref. Returns (o, final_state or None)."""
+    check_shapes(q, k, v, initial_state=initial_state, g=(g, q.shape))
+    scale = default_scale(q, scale)
     return _GatedLinearAttention.apply(
         q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(),
         None if initial_state is None else initial_state.float().contiguous(),

@@ -27,15 +27,13 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from linbench.kernels.triton.common import INTERPRET as _INTERPRET
-from linbench.kernels.triton.common import mm as _mm
-from linbench.kernels.triton.common import pow2 as _pow2
+from linbench.kernels.common import check_shapes, default_scale, from_chunks, to_chunks
+from linbench.kernels.triton_common import INTERPRET, mm, pow2
 
-_CHUNK = 32 if _INTERPRET else 64  # fixed config: no autotuner under the interpreter
+_CHUNK = 32 if INTERPRET else 64  # fixed config: no autotuner under the interpreter
 # The sweep is fp32 state math: full-precision dots ("tf32" trades ~1e-3 error for speed).
 _PRECISION = "ieee"
 
@@ -70,9 +68,9 @@ def _delta_fwd_kernel(W, U, QG, KD, GL, S0, VN, O, SF, CKPT, NT, SEG, NS,
         qg = _rows(QG, bh, c, Tp, rc, rk, mk, K, C)
         kd = _rows(KD, bh, c, Tp, rc, rk, mk, K, C)
         u = _rows(U, bh, c, Tp, rc, rv, mv, V, C)  # (C, BV)
-        vn = u - _mm(w, S, PREC)
-        o = _mm(qg, S, PREC)
-        S = S * tl.load(GL + bh * NT + c) + _mm(tl.trans(kd), vn, PREC)
+        vn = u - mm(w, S, PREC)
+        o = mm(qg, S, PREC)
+        S = S * tl.load(GL + bh * NT + c) + mm(tl.trans(kd), vn, PREC)
         out = (bh * Tp + c * C + rc[:, None]) * V + rv[None, :]
         tl.store(VN + out, vn, mask=mv[None, :])
         tl.store(O + out, o, mask=mv[None, :])
@@ -104,7 +102,7 @@ def _delta_bwd_kernel(W, QG, KD, GL, VN, DVX, DO, DSF, CKPT, SCR, DU, DW, DQG, D
             tl.store(SCR + (bh * SEG + c - c0) * K * V + st, S, mask=mst)
             kd = _rows(KD, bh, c, Tp, rc, rk, mk, K, C)
             vn = _rows(VN, bh, c, Tp, rc, rv, mv, V, C)
-            S = S * tl.load(GL + bh * NT + c) + _mm(tl.trans(kd), vn, PREC)
+            S = S * tl.load(GL + bh * NT + c) + mm(tl.trans(kd), vn, PREC)
         tl.debug_barrier()
         # 2) sweep the segment backwards, carrying dS = dL/d(state after chunk c)
         for j in range(c1 - c0):
@@ -115,23 +113,23 @@ def _delta_bwd_kernel(W, QG, KD, GL, VN, DVX, DO, DSF, CKPT, SCR, DU, DW, DQG, D
             kd = _rows(KD, bh, c, Tp, rc, rk, mk, K, C)
             vn = _rows(VN, bh, c, Tp, rc, rv, mv, V, C)  # (C, BV)
             do = _rows(DO, bh, c, Tp, rc, rv, mv, V, C)
-            dvn = _rows(DVX, bh, c, Tp, rc, rv, mv, V, C) + _mm(kd, dS, PREC)  # total dL/dv_new
+            dvn = _rows(DVX, bh, c, Tp, rc, rv, mv, V, C) + mm(kd, dS, PREC)  # total dL/dv_new
             gl = tl.load(GL + bh * NT + c)
             row = bh * Tp + c * C + rc[:, None]
             tl.store(DU + row * V + rv[None, :], dvn, mask=mv[None, :])
             part = ((iv * BH + bh) * Tp + c * C + rc[:, None]) * K + rk[None, :]  # (nV, BH, Tp, K)
-            tl.store(DW + part, -_mm(dvn, tl.trans(s_in), PREC), mask=mk[None, :])
-            tl.store(DQG + part, _mm(do, tl.trans(s_in), PREC), mask=mk[None, :])
-            tl.store(DKD + part, _mm(vn, tl.trans(dS), PREC), mask=mk[None, :])
+            tl.store(DW + part, -mm(dvn, tl.trans(s_in), PREC), mask=mk[None, :])
+            tl.store(DQG + part, mm(do, tl.trans(s_in), PREC), mask=mk[None, :])
+            tl.store(DKD + part, mm(vn, tl.trans(dS), PREC), mask=mk[None, :])
             tl.store(DGL + (iv * BH + bh) * NT + c, tl.sum(tl.sum(s_in * dS, 1), 0))
-            dS = dS * gl + _mm(tl.trans(qg), do, PREC) - _mm(tl.trans(w), dvn, PREC)
+            dS = dS * gl + mm(tl.trans(qg), do, PREC) - mm(tl.trans(w), dvn, PREC)
         tl.debug_barrier()  # the next segment overwrites the scratch
     tl.store(DS0 + bh * K * V + st, dS, mask=mst)
 
 
 def _num_warps(chunk: int, k: int) -> int:
     """4 warps, 8 when the (C, K) tiles get large (untuned guess: not yet timed on a GPU)."""
-    return 8 if chunk * _pow2(k) >= 8192 else 4
+    return 8 if chunk * pow2(k) >= 8192 else 4
 
 
 class _DeltaSweep(torch.autograd.Function):
@@ -148,7 +146,7 @@ class _DeltaSweep(torch.autograd.Function):
         sf = w.new_empty(B, H, K, V)
         ckpt = w.new_empty(B, H, ns, K, V)  # one state every `seg` chunks
         _delta_fwd_kernel[grid](w, u, qg, kd, gl, s0 if s0 is not None else sf, vn, o, sf,
-                                ckpt, NT, seg, ns, K=K, V=V, C=chunk, BK=_pow2(K), BV=bv,
+                                ckpt, NT, seg, ns, K=K, V=V, C=chunk, BK=pow2(K), BV=bv,
                                 HAS_S0=s0 is not None, STORE_CKPT=True, PREC=_PRECISION,
                                 num_warps=_num_warps(chunk, K))
         ctx.save_for_backward(w, qg, kd, gl, vn, ckpt)
@@ -172,18 +170,10 @@ class _DeltaSweep(torch.autograd.Function):
         _delta_bwd_kernel[(B * H, nv)](
             w, qg, kd, gl, vn, dvn, do, dsf.float().contiguous() if dsf is not None else ds0,
             ckpt, scratch, du, dw, dqg, dkd, dgl, ds0, NT, seg, ns, B * H, K=K, V=V, C=chunk,
-            BK=_pow2(K), BV=bv, HAS_DSF=dsf is not None, PREC=_PRECISION,
+            BK=pow2(K), BV=bv, HAS_DSF=dsf is not None, PREC=_PRECISION,
             num_warps=_num_warps(chunk, K))
         return (dw.sum(0), du, dqg.sum(0), dkd.sum(0), dgl.sum(0), ds0 if has_s0 else None,
                 None, None, None)
-
-
-def _chunked(x: torch.Tensor, C: int) -> torch.Tensor:
-    """(B, T, H, D) -> (B, H, NT, C, D) fp32, zero padded to a multiple of C."""
-    B, T, H, D = x.shape
-    NT = triton.cdiv(T, C)
-    x = F.pad(x.float(), (0, 0, 0, 0, 0, NT * C - T))
-    return x.view(B, NT, C, H, D).permute(0, 3, 1, 2, 4)
 
 
 def delta_rule(q, k, v, beta, *, g=None, scale=None, initial_state=None,
@@ -193,17 +183,15 @@ def delta_rule(q, k, v, beta, *, g=None, scale=None, initial_state=None,
     Returns (o (B, T, H, V) in v's dtype, final state (B, H, K, V) fp32 or None).
     `_chunk`, `_seg` (chunks per checkpoint), `_bv` (V tile) override the launch config.
     """
+    check_shapes(q, k, v, initial_state=initial_state, beta=(beta, q.shape[:3]),
+                 g=(g, q.shape[:3]))
     B, T, H, K = q.shape
     V = v.shape[-1]
-    if k.shape != q.shape or v.shape[:3] != q.shape[:3] or beta.shape != q.shape[:3]:
-        raise ValueError(f"shape mismatch: q {tuple(q.shape)} k {tuple(k.shape)} "
-                         f"v {tuple(v.shape)} beta {tuple(beta.shape)}")
-    if g is not None and g.shape != q.shape[:3]:
-        raise ValueError(f"g must be (B, T, H) = {tuple(q.shape[:3])}, got {tuple(g.shape)}")
-    scale = K ** -0.5 if scale is None else scale
+    scale = default_scale(q, scale)
     C = _chunk or _CHUNK
-    qc, kc, vc = _chunked(q, C), _chunked(k, C), _chunked(v, C)  # (B, H, NT, C, D)
-    bc = _chunked(beta[..., None], C)[..., 0]  # (B, H, NT, C); padded tokens: beta = 0
+    f32 = torch.float32
+    qc, kc, vc = (to_chunks(x, C, f32) for x in (q, k, v))  # (B, H, NT, C, D)
+    bc = to_chunks(beta, C, f32)  # (B, H, NT, C); padded tokens: beta = 0
     NT = qc.shape[2]
     tri = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     if g is None:
@@ -211,7 +199,7 @@ def delta_rule(q, k, v, beta, *, g=None, scale=None, initial_state=None,
         bk, qg, kd = bc[..., None] * kc, scale * qc, kc
         gl = qc.new_ones(B, H, NT)
     else:
-        G = _chunked(g[..., None], C)[..., 0].cumsum(-1)  # (B, H, NT, C) padded: g = 0
+        G = to_chunks(g, C, f32).cumsum(-1)  # (B, H, NT, C) padded: g = 0
         decay = torch.exp((G[..., :, None] - G[..., None, :]).masked_fill(~tri, float("-inf")))
         bk = (bc * torch.exp(G))[..., None] * kc
         qg = scale * torch.exp(G)[..., None] * qc
@@ -224,11 +212,10 @@ def delta_rule(q, k, v, beta, *, g=None, scale=None, initial_state=None,
     flat = lambda x: x.reshape(B, H, NT * C, x.shape[-1]).contiguous()  # noqa: E731
     s0 = None if initial_state is None else initial_state.float().contiguous()
     seg = _seg or max(1, math.isqrt(NT - 1) + 1)  # ~sqrt(NT) chunks per checkpoint
-    bv = _bv or (_pow2(V) if _INTERPRET else min(_pow2(V), 64 if K <= 64 else 32))
+    bv = _bv or (pow2(V) if INTERPRET else min(pow2(V), 64 if K <= 64 else 32))
     vn, o_inter, sf = _DeltaSweep.apply(flat(w), flat(u), flat(qg), flat(kd), gl.contiguous(),
                                         s0, C, seg, bv)
     vn = vn.view(B, H, NT, C, V)
     attn = (qc @ kc.transpose(-1, -2)) * decay * scale  # (B, H, NT, C, C), causal incl. diag
     o = o_inter.view(B, H, NT, C, V) + attn @ vn
-    o = o.permute(0, 2, 3, 1, 4).reshape(B, NT * C, H, V)[:, :T]
-    return o.to(v.dtype), (sf if output_final_state else None)
+    return from_chunks(o, T).to(v.dtype), (sf if output_final_state else None)

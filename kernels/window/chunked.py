@@ -19,19 +19,20 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from linbench.kernels.chunked import linear_attention_chunked
-from linbench.kernels.recurrent import WindowCache, WindowState
+from linbench.kernels.common import (acc_dtype, augment_ones, check_positive, check_shapes,
+                                     default_scale)
+from linbench.kernels.linear.chunked import linear_attention_chunked
+from linbench.kernels.window.recurrent import WindowState, window_cache
 
 # Score elements (B * H * blocks * block * keys) per group of query blocks.
 GROUP_SCORE_ELEMENTS = 1 << 22
 
 
-def _check(q, k, v, window, block):
-    if int(window) < 1 or int(block) < 1:
-        raise ValueError(f"window and block must be >= 1, got window={window}, block={block}")
-    if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
-                         "(repeat GQA key/value heads before the call)")
+def check_features(q, fq, fk) -> None:
+    """The hybrid's feature maps: fq, fk (B, T, H, F) beside q (B, T, H, K)."""
+    if fq.shape != fk.shape or fq.dim() != 4 or fq.shape[:3] != q.shape[:3]:
+        raise ValueError(f"feature shape mismatch: fq {tuple(fq.shape)}, fk {tuple(fk.shape)} "
+                         f"(expected (B, T, H, F) beside q {tuple(q.shape)})")
 
 
 def _band_mask(b0: int, nb: int, bq: int, W: int, device) -> torch.Tensor:
@@ -90,55 +91,41 @@ def _windowed(q, k, v, gamma, window: int, scale: float, block: int):
     return torch.cat(outs, 1)[:, :T]
 
 
-def window_cache(k, v, window=64) -> WindowCache:
-    """Decode cache after a prefill: the last `window` keys and values."""
-    return WindowCache(k[:, -window:], v[:, -window:])
-
-
-def window_state(k, v, fk, window=64) -> WindowState:
-    """Hybrid decode state after a prefill, computed directly in O(T) (any backend)."""
-    B, T, H, _ = v.shape
-    dt = torch.promote_types(v.dtype, torch.float32)
-    old = max(T - window, 0)  # tokens already out of the window
-    v1 = v[:, :old].to(dt)
-    v1 = torch.cat([v1, torch.ones_like(v1[..., :1])], -1)  # (B, old, H, V + 1)
-    kv = torch.einsum("bthf,bthv->bhfv", fk[:, :old].to(dt), v1).float()
-    return WindowState(kv, k[:, old:], v[:, old:], fk[:, old:])
-
-
 def sliding_window_attention_chunked(q, k, v, *, window=64, scale=None, block=64,
                                      output_final_state=False):
     """Softmax attention over the last `window` keys; same contract as
-    reference.sliding_window_attention_ref (returns o). With output_final_state=True
-    returns (o, WindowCache) for decoding.
+    linbench.kernels.window.reference.sliding_window_attention_ref (returns o). With
+    output_final_state=True returns (o, WindowCache) for decoding.
     """
-    _check(q, k, v, window, block)
-    dt = torch.promote_types(q.dtype, torch.float32)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    check_positive(window=window, block=block)
+    check_shapes(q, k, v)
+    dt = acc_dtype(q)
+    scale = default_scale(q, scale)
     o = _windowed(q.to(dt), k.to(dt), v.to(dt), None, window, scale, block).to(v.dtype)
     return (o, window_cache(k, v, window)) if output_final_state else o
 
 
 def window_linear_attention_chunked(q, k, v, fq, fk, *, window=64, gamma, scale=None, eps=1e-6,
                                     output_final_state=False, block=64, chunk_size=64):
-    """LoLCATs hybrid; same contract as reference.window_linear_attention_ref (returns y).
+    """LoLCATs hybrid; same contract as
+    linbench.kernels.window.reference.window_linear_attention_ref (returns y).
 
     q, k: (B, T, H, K); v: (B, T, H, V); fq, fk: (B, T, H, F) feature-mapped q, k;
     gamma: (H,) in (0, 1). With output_final_state=True returns (y, WindowState) where
     kv (B, H, F, V + 1) fp32 sums fk_j [v_j, 1] over the tokens out of the window.
     """
-    _check(q, k, v, window, block)
-    if fq.shape != fk.shape or fq.shape[:3] != q.shape[:3]:
-        raise ValueError(f"feature shape mismatch: fq {tuple(fq.shape)}, fk {tuple(fk.shape)}")
-    dt = torch.promote_types(q.dtype, torch.float32)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    check_positive(window=window, block=block)
+    check_shapes(q, k, v)
+    check_features(q, fq, fk)
+    dt = acc_dtype(q)
+    scale = default_scale(q, scale)
     B, T, H, V = v.shape
     vf = v.to(dt)
     nd = _windowed(q.to(dt), k.to(dt), vf, gamma.to(dt), window, scale, block)  # (B, T, H, V + 1)
     kv = fk.new_zeros(B, H, fk.shape[-1], V + 1, dtype=torch.float32)
     if T > window:  # keys j <= i - window: causal linear attention on inputs shifted by window
         shift = (0, 0, 0, 0, window, 0)
-        v1 = torch.cat([vf, torch.ones_like(vf[..., :1])], -1)  # (B, T, H, V + 1)
+        v1 = augment_ones(vf)  # (B, T, H, V + 1)
         lin, kv = linear_attention_chunked(
             fq.to(dt), F.pad(fk.to(dt), shift)[:, :T], F.pad(v1, shift)[:, :T], scale=1.0,
             output_final_state=output_final_state, chunk_size=chunk_size)
@@ -149,6 +136,3 @@ def window_linear_attention_chunked(q, k, v, fq, fk, *, window=64, gamma, scale=
     old = max(T - window, 0)
     return y, WindowState(kv, k[:, old:], v[:, old:], fk[:, old:])
 
-
-__all__ = ["sliding_window_attention_chunked", "window_linear_attention_chunked",
-           "window_cache", "window_state", "WindowCache", "WindowState"]

@@ -39,20 +39,8 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
-
-def _to_chunks(x: torch.Tensor, C: int, dt: torch.dtype) -> torch.Tensor:
-    """(B, L, H, ...) -> (B, H, N, C, ...) in dtype dt, zero-padded to a multiple of C.
-
-    Zero padding is harmless at the end of the sequence: k = 0, beta = 0, g = 0 leave the
-    state unchanged, and the padded outputs are cut off by the caller.
-    """
-    x = x.to(dt)
-    B, L, H = x.shape[:3]
-    pad = (-L) % C
-    if pad:
-        x = torch.cat([x, x.new_zeros(B, pad, *x.shape[2:])], dim=1)
-    x = x.reshape(B, (L + pad) // C, C, *x.shape[2:])  # (B, N, C, H, ...)
-    return x.movedim(3, 1)  # (B, H, N, C, ...)
+from linbench.kernels.common import (acc_dtype, check_positive, check_shapes, default_scale,
+                                     from_chunks, to_chunks)
 
 
 def _segment(S, q, k, v, beta, g, *, scale: float, C: int):
@@ -63,10 +51,10 @@ def _segment(S, q, k, v, beta, g, *, scale: float, C: int):
     """
     dt = S.dtype
     B, L, H, _ = q.shape
-    qc = _to_chunks(q, C, dt) * scale  # (B, H, N, C, K)
-    kc = _to_chunks(k, C, dt)  # (B, H, N, C, K)
-    vc = _to_chunks(v, C, dt)  # (B, H, N, C, V)
-    bc = _to_chunks(beta, C, dt)[..., None]  # (B, H, N, C, 1)
+    qc = to_chunks(q, C, dt) * scale  # (B, H, N, C, K)
+    kc = to_chunks(k, C, dt)  # (B, H, N, C, K)
+    vc = to_chunks(v, C, dt)  # (B, H, N, C, V)
+    bc = to_chunks(beta, C, dt)[..., None]  # (B, H, N, C, 1)
     N = qc.shape[2]
     lower = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()  # j <= i
     if g is None:
@@ -75,7 +63,7 @@ def _segment(S, q, k, v, beta, g, *, scale: float, C: int):
         to_end = torch.ones_like(bc)  # exp(G_C - G_j)
         chunk_decay = torch.ones(B, H, N, 1, 1, dtype=dt, device=q.device)
     else:
-        G = _to_chunks(g, C, dt).cumsum(-1)  # (B, H, N, C): in-chunk log decay up to t
+        G = to_chunks(g, C, dt).cumsum(-1)  # (B, H, N, C): in-chunk log decay up to t
         diff = (G[..., :, None] - G[..., None, :]).masked_fill(~lower, float("-inf"))
         decay = diff.exp()  # (B, H, N, C, C)
         gamma = G.exp()[..., None]
@@ -106,13 +94,13 @@ def _segment(S, q, k, v, beta, g, *, scale: float, C: int):
 
     attn = (qc @ kc.transpose(-1, -2)) * decay  # (B, H, N, C, C), zero above the diagonal
     o = (qc * gamma) @ states + attn @ news  # (B, H, N, C, V)
-    o = o.movedim(1, 3).reshape(B, N * C, H, -1)[:, :L]  # (B, L, H, V)
-    return o, S
+    return from_chunks(o, L), S  # (B, L, H, V)
 
 
 def delta_rule_chunked(q, k, v, beta, *, g=None, scale=None, initial_state=None,
                        output_final_state=False, chunk_size=64, segment_chunks=None):
-    """(Gated) delta rule, chunkwise; same contract as reference.delta_rule_ref.
+    """(Gated) delta rule, chunkwise; same contract as
+    linbench.kernels.delta.reference.delta_rule_ref.
 
     q, k: (B, T, H, K) (used as given: DeltaNet L2-normalizes them first); v: (B, T, H, V);
     beta: (B, T, H); g: (B, T, H) optional log-gate <= 0; initial_state: (B, H, K, V).
@@ -120,12 +108,12 @@ def delta_rule_chunked(q, k, v, beta, *, g=None, scale=None, initial_state=None,
     checkpointed segment (default ~sqrt(T / C)); see the module docstring for memory.
     Returns (o (B, T, H, V) in v's dtype, final fp32 state (B, H, K, V) or None).
     """
-    dt, out_dtype = torch.promote_types(q.dtype, torch.float32), v.dtype
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    check_positive(chunk_size=chunk_size)
+    check_shapes(q, k, v, beta=(beta, q.shape[:3]), g=(g, q.shape[:3]))
+    dt, out_dtype = acc_dtype(q), v.dtype
+    scale = default_scale(q, scale)
     B, T, H, K = q.shape
     C = int(chunk_size)
-    if C < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     n_chunks = max(1, math.ceil(T / C))
     seg = segment_chunks or max(1, math.isqrt(n_chunks))
     seg_len = seg * C
@@ -154,5 +142,3 @@ def delta_rule_chunked(q, k, v, beta, *, g=None, scale=None, initial_state=None,
         out = torch.cat(outs, dim=1) if outs else v.new_zeros(B, 0, H, v.shape[-1])
     return out, (S.float() if output_final_state else None)
 
-
-__all__ = ["delta_rule_chunked"]

@@ -1,4 +1,4 @@
-"""Shared pieces of the chunked Triton kernels: tile addressing, launch configs, dtypes.
+"""What every op's Triton form shares: tile addressing, launch configs, dot precision.
 
 Layout everywhere: x (B, T, H, D) contiguous, element (b, t, h, d) at ((b*T + t)*H + h)*D + d;
 states (B, H, K, V) fp32 contiguous. Row offsets are computed in int64 (B*T*H*D passes
@@ -111,17 +111,3 @@ def init_state(x, bh, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl
     if LOAD:
         S += tl.load(x + off, mask=mask, other=0.0)
     return S, off, mask
-
-
-def check_inputs(q, k, v, initial_state=None, state_extra: int = 0, **per_head):
-    """One-line ValueError for inconsistent shapes. per_head: name=(tensor, expected shape)."""
-    if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"expected q, k (B, T, H, K) and v (B, T, H, V); got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
-    B, T, H, K = q.shape
-    want = (B, H, K, v.shape[-1] + state_extra)
-    if initial_state is not None and tuple(initial_state.shape) != want:
-        raise ValueError(f"initial_state must be {want}, got {tuple(initial_state.shape)}")
-    for name, (x, shape) in per_head.items():
-        if x is not None and tuple(x.shape) != tuple(shape):
-            raise ValueError(f"{name} must be {tuple(shape)}, got {tuple(x.shape)}")

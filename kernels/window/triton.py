@@ -12,19 +12,17 @@ linear attention: see its docstring for which code path runs the linear branch.
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from linbench.kernels.triton.common import INTERPRET as _INTERPRET
-from linbench.kernels.triton.common import mm as _mm
-from linbench.kernels.triton.common import pow2 as _pow2
-from linbench.kernels.triton.common import tile
+from linbench.kernels.common import augment_ones, check_positive, check_shapes, default_scale
+from linbench.kernels.triton_common import INTERPRET, mm, pow2, tile
+from linbench.kernels.window.chunked import check_features
 
 # Fixed launch config (no autotuner: it does not run under the CPU interpreter).
-_BLOCK_M, _BLOCK_N = (32, 32) if _INTERPRET else (64, 64)
+_BLOCK_M, _BLOCK_N = (32, 32) if INTERPRET else (64, 64)
 
 
 def _num_warps(dk: int, dv: int) -> int:
@@ -68,7 +66,7 @@ def _swa_fwd_kernel(Q, K, V, O, LSE, M, IDX, T, H, scale, WINDOW,
         cols = start_n + rn
         k_off, k_mask = tile(b, h, start_n, T, H, DK, BN, BK, 0)
         k = tl.load(K + k_off, mask=k_mask, other=0.0)  # (BN, BK)
-        s = _mm(q, tl.trans(k), PREC) * scale  # (BM, BN) fp32
+        s = mm(q, tl.trans(k), PREC) * scale  # (BM, BN) fp32
         s = tl.where(_band(rm, cols, T, WINDOW), s, float("-inf"))
         m_blk = tl.max(s, 1)
         if STORE_MAX:
@@ -79,7 +77,7 @@ def _swa_fwd_kernel(Q, K, V, O, LSE, M, IDX, T, H, scale, WINDOW,
         l_i = l_i * alpha + tl.sum(p, 1)
         v_off, v_mask = tile(b, h, start_n, T, H, DV, BN, BV, 0)
         v = tl.load(V + v_off, mask=v_mask, other=0.0)  # (BN, BV)
-        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PREC)
+        acc = acc * alpha[:, None] + mm(p.to(v.dtype), v, PREC)
         m_i = m_new
     l_i = tl.where(l_i > 0, l_i, 1.0)  # only rows past T can be empty
     o = acc / l_i[:, None]
@@ -119,13 +117,13 @@ def _swa_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DM, IDX, DQ, T, H, scale, WINDOW
         k = tl.load(K + k_off, mask=k_mask, other=0.0)  # (BN, BK)
         v_off, v_mask = tile(b, h, start_n, T, H, DV, BN, BV, 0)
         v = tl.load(V + v_off, mask=v_mask, other=0.0)  # (BN, BV)
-        s = _mm(q, tl.trans(k), PREC) * scale
+        s = mm(q, tl.trans(k), PREC) * scale
         p = tl.exp(tl.where(_band(rm, cols, T, WINDOW), s - lse[:, None], float("-inf")))
-        dp = _mm(do, tl.trans(v), PREC)  # (BM, BN)
+        dp = mm(do, tl.trans(v), PREC)  # (BM, BN)
         ds = p * (dp - delta[:, None])
         if HAS_DM:  # d m_i lands on the score of the key holding the max
             ds += tl.where(cols[None, :] == idx[:, None], dm[:, None], 0.0)
-        dq += _mm(ds.to(k.dtype), k, PREC)
+        dq += mm(ds.to(k.dtype), k, PREC)
     tl.store(DQ + q_off, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
@@ -155,16 +153,16 @@ def _swa_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DM, IDX, DK_, DV_, T, H, scale
         row = bh * T + rm
         lse = tl.load(LSE + row, mask=rm < T, other=0.0)
         delta = tl.load(DELTA + row, mask=rm < T, other=0.0)
-        s_t = _mm(k, tl.trans(q), PREC) * scale  # (BN, BM): scores transposed
+        s_t = mm(k, tl.trans(q), PREC) * scale  # (BN, BM): scores transposed
         band_t = tl.trans(_band(rm, rn, T, WINDOW))
         p_t = tl.exp(tl.where(band_t, s_t - lse[None, :], float("-inf")))
-        dv += _mm(p_t.to(do.dtype), do, PREC)
-        ds_t = p_t * (_mm(v, tl.trans(do), PREC) - delta[None, :])
+        dv += mm(p_t.to(do.dtype), do, PREC)
+        ds_t = p_t * (mm(v, tl.trans(do), PREC) - delta[None, :])
         if HAS_DM:
             dm = tl.load(DM + row, mask=rm < T, other=0.0)
             idx = tl.load(IDX + row, mask=rm < T, other=-1)
             ds_t += tl.where(rn[:, None] == idx[None, :], dm[None, :], 0.0)
-        dk += _mm(ds_t.to(q.dtype), q, PREC)
+        dk += mm(ds_t.to(q.dtype), q, PREC)
     tl.store(DK_ + k_off, (dk * scale).to(DK_.dtype.element_ty), mask=k_mask)
     tl.store(DV_ + v_off, dv.to(DV_.dtype.element_ty), mask=v_mask)
 
@@ -192,7 +190,7 @@ class _SlidingWindow(torch.autograd.Function):
         idx = torch.empty(B, H, T, device=q.device, dtype=torch.int32)
         _swa_fwd_kernel[(triton.cdiv(T, bm), B * H)](
             q, k, v, o, lse, m, idx, T, H, scale, window, DK=DK, DV=DV, BM=bm, BN=bn,
-            BK=_pow2(DK), BV=_pow2(DV), STORE_MAX=True, PREC=_prec(q),
+            BK=pow2(DK), BV=pow2(DV), STORE_MAX=True, PREC=_prec(q),
             num_warps=_num_warps(DK, DV))
         ctx.save_for_backward(q, k, v, o, lse, idx)
         ctx.cfg = (window, scale, blocks)
@@ -214,7 +212,7 @@ class _SlidingWindow(torch.autograd.Function):
         has_dm = dm is not None
         dm = dm.float().contiguous() if has_dm else lse  # dummy pointer when unused
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        common = dict(DK=DK, DV=DV, BM=bm, BN=bn, BK=_pow2(DK), BV=_pow2(DV), HAS_DM=has_dm,
+        common = dict(DK=DK, DV=DV, BM=bm, BN=bn, BK=pow2(DK), BV=pow2(DV), HAS_DM=has_dm,
                       PREC=_prec(q), num_warps=_num_warps(DK, DV))
         _swa_bwd_dq_kernel[(triton.cdiv(T, bm), B * H)](
             q, k, v, do, lse, delta, dm, idx, dq, T, H, scale, window, **common)
@@ -223,21 +221,14 @@ class _SlidingWindow(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
-def _check(q, k, v, window):
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
-    if q.shape != k.shape or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, "
-                         f"v {tuple(v.shape)} (repeat GQA keys before the call)")
-
-
 def sliding_window_attention(q, k, v, *, window=64, scale=None, _blocks=None):
     """Softmax attention over the last `window` keys, current token included.
 
     q, k: (B, T, H, K); v: (B, T, H, V) -> o (B, T, H, V) in v's dtype.
     """
-    _check(q, k, v, window)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    check_positive(window=window)
+    check_shapes(q, k, v)
+    scale = default_scale(q, scale)
     o, _, _ = _SlidingWindow.apply(q, k, v, window, scale, v.dtype,
                                    _blocks or (_BLOCK_M, _BLOCK_N))
     return o
@@ -248,9 +239,9 @@ def _linear_impl(name: str):
     when that module does not import."""
     try:
         if name == "triton":
-            from linbench.kernels.triton.linear import linear_attention as fn
+            from linbench.kernels.linear.triton import linear_attention as fn
         else:
-            from linbench.kernels.chunked import linear_attention_chunked as fn
+            from linbench.kernels.linear.chunked import linear_attention_chunked as fn
     except ImportError:
         return None
     return lambda fq, fk, v: fn(fq, fk, v, decay=None, normalize=False, scale=1.0)[0]
@@ -275,15 +266,15 @@ def window_linear_attention(q, k, v, fq, fk, *, window=64, gamma, scale=None, ep
     numerator is gamma e o_w and its denominator gamma e, with e = exp(lse - m).
     Linear branch: keys j <= i - window equal causal linear attention of fq against fk
     and [v, 1] shifted right by `window` (zero padded), computed in fp32 by
-    `linbench.kernels.triton.linear.linear_attention(normalize=False, scale=1)` when that
-    module imports, else by `linbench.kernels.chunked.linear_attention_chunked` (torch);
+    `linbench.kernels.linear.triton.linear_attention(normalize=False, scale=1)` when that
+    module imports, else by `linbench.kernels.linear.chunked.linear_attention_chunked` (torch);
     `_linear` names the order tried. Gradients of q, k, v, fq, fk and gamma flow through
     torch autograd around the two kernels.
     """
-    _check(q, k, v, window)
-    if fq.shape != fk.shape or fq.shape[:3] != q.shape[:3]:
-        raise ValueError(f"feature shape mismatch: fq {tuple(fq.shape)}, fk {tuple(fk.shape)}")
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    check_positive(window=window)
+    check_shapes(q, k, v)
+    check_features(q, fq, fk)
+    scale = default_scale(q, scale)
     B, T, H, DV = v.shape
     o_w, lse, m = _SlidingWindow.apply(q, k, v, window, scale, torch.float32,
                                        _blocks or (_BLOCK_M, _BLOCK_N))  # (B,T,H,V), (B,H,T)
@@ -291,7 +282,7 @@ def window_linear_attention(q, k, v, fq, fk, *, window=64, gamma, scale=None, ep
     g_w = gamma.float()[None, None, :, None] * e
     num, den = g_w * o_w, g_w
     if T > window:
-        v_aug = torch.cat([v.float(), v.new_ones(B, T, H, 1, dtype=torch.float32)], -1)
+        v_aug = augment_ones(v.float())
         shift = (0, 0, 0, 0, window, 0)  # pad `window` zeros in front of the T axis
         fk_s = F.pad(fk.float(), shift)[:, :T]
         v_s = F.pad(v_aug, shift)[:, :T]

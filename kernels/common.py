@@ -1,0 +1,98 @@
+"""What every op's torch forms share: conventions, dtypes, the normalizer column, the chunk
+layout, argument checks, and which op folder holds each kernel.
+
+Conventions (every form of every op):
+  q, k: (B, T, H, K)   v: (B, T, H, V)   states fp32 (B, H, K, V)
+  `scale` multiplies q.k (default K ** -0.5).  Log-decays / log-gates are <= 0.
+  Outputs keep the dtype of v; the math runs in at least fp32 (fp64 stays fp64).
+"""
+from __future__ import annotations
+
+import torch
+
+# kernel name -> the op folder (linbench.kernels.<op>) holding its forms:
+# reference.py <name>_ref, chunked.py <name>_chunked, recurrent.py <name>_step, triton.py <name>
+OPS = {
+    "linear_attention": "linear",
+    "gated_linear_attention": "gla",
+    "delta_rule": "delta",
+    "sliding_window_attention": "window",
+    "window_linear_attention": "window",
+}
+
+
+def acc_dtype(*xs) -> torch.dtype:
+    """The compute dtype: fp32, or wider when an input (None skipped) is wider."""
+    dt = torch.float32
+    for x in xs:
+        if x is not None:
+            dt = torch.promote_types(dt, x.dtype)
+    return dt
+
+
+def default_scale(q: torch.Tensor, scale: float | None) -> float:
+    return q.shape[-1] ** -0.5 if scale is None else scale
+
+
+def augment_ones(v: torch.Tensor) -> torch.Tensor:
+    """Append a ones column to v: the normalizer z = sum phi(k) rides in the state."""
+    return torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
+
+
+def normalize_output(o_aug: torch.Tensor, eps: float) -> torch.Tensor:
+    """Split the augmented output into numerator / denominator and divide."""
+    return o_aug[..., :-1] / (o_aug[..., -1:] + eps)
+
+
+def outer(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(..., K), (..., V) -> (..., K, V)."""
+    return k[..., :, None] * v[..., None, :]
+
+
+def to_chunks(x: torch.Tensor, C: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(B, L, H, ...) -> (B, H, N, C, ...) (a permuted view when no padding is needed),
+    zero-padded to N = ceil(L / C) whole chunks, cast to dtype when given.
+
+    Zero padding at the end is harmless: k = 0 and beta = 0 add nothing to the state,
+    g = 0 leaves it undecayed, and the padded outputs are cut off (from_chunks).
+    """
+    if dtype is not None:
+        x = x.to(dtype)
+    B, L = x.shape[:2]
+    pad = (-L) % C
+    if pad:
+        x = torch.cat([x, x.new_zeros(B, pad, *x.shape[2:])], dim=1)
+    return x.reshape(B, (L + pad) // C, C, *x.shape[2:]).movedim(3, 1)
+
+
+def from_chunks(o: torch.Tensor, L: int) -> torch.Tensor:
+    """(B, H, N, C, V) -> (B, L, H, V): the inverse of to_chunks, padding cut off."""
+    B, H, N, C, V = o.shape
+    return o.movedim(1, 3).reshape(B, N * C, H, V)[:, :L]
+
+
+def check_shapes(q, k, v, *, initial_state=None, state_extra: int = 0, **per_head) -> None:
+    """One-line ValueError for inconsistent shapes.
+
+    initial_state, when given, must be (B, H, K, V + state_extra); per_head:
+    name=(tensor or None, expected shape).
+    """
+    if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"shape mismatch: expected q, k (B, T, H, K) and v (B, T, H, V); got "
+                         f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
+                         "(repeat GQA key/value heads before the call)")
+    B, T, H, K = q.shape
+    want = (B, H, K, v.shape[-1] + state_extra)
+    if initial_state is not None and tuple(initial_state.shape) != want:
+        raise ValueError(f"initial_state must be {want}, got {tuple(initial_state.shape)}")
+    for name, (x, shape) in per_head.items():
+        if x is not None and tuple(x.shape) != tuple(shape):
+            raise ValueError(f"{name} must be {tuple(shape)}, got {tuple(x.shape)}")
+
+
+def check_positive(**sizes) -> None:
+    """ValueError unless every size (chunk, block, window) is >= 1."""
+    bad = {n: s for n, s in sizes.items() if int(s) < 1}
+    if bad:
+        raise ValueError(f"{' and '.join(bad)} must be >= 1, got "
+                         + ", ".join(f"{n}={s}" for n, s in bad.items()))

@@ -1,0 +1,49 @@
+"""Sliding-window softmax and the LoLCATs window + linear hybrid, quadratic in torch:
+slow, obviously correct.
+
+The chunked (blockwise), recurrent and Triton forms of window/ are tested against these.
+They materialize the full [T, T] scores. Conventions: linbench.kernels.common.
+"""
+from __future__ import annotations
+
+import torch
+
+from linbench.kernels.common import acc_dtype, default_scale
+
+
+def window_mask(T: int, window: int, device) -> torch.Tensor:
+    """mask[i, j] = True when key j is among the last `window` keys of query i (j <= i)."""
+    i = torch.arange(T, device=device)[:, None]
+    j = torch.arange(T, device=device)[None, :]
+    return (j <= i) & (j > i - window)
+
+
+def sliding_window_attention_ref(q, k, v, *, window=64, scale=None):
+    """Softmax attention over the last `window` keys (the current token included)."""
+    dt, out_dtype = acc_dtype(q), v.dtype
+    scale = default_scale(q, scale)
+    s = torch.einsum("bihk,bjhk->bhij", q.to(dt) * scale, k.to(dt))
+    s = s.masked_fill(~window_mask(q.shape[1], window, q.device), float("-inf"))
+    return torch.einsum("bhij,bjhv->bihv", s.softmax(-1), v.to(dt)).to(out_dtype)
+
+
+def window_linear_attention_ref(q, k, v, fq, fk, *, window=64, gamma, scale=None, eps=1e-6):
+    """LoLCATs hybrid: window softmax + linear attention beyond it, one shared normalizer.
+
+    a_ij = gamma_h exp(scale q_i.k_j - m_i) for the last `window` keys (m_i: their max),
+    a_ij = fq_i . fk_j for older keys;  y_i = sum_j a_ij v_j / (sum_j a_ij + eps).
+    gamma: (H,) in (0, 1) (already passed through the sigmoid).
+    """
+    dt, out_dtype = acc_dtype(q), v.dtype
+    scale = default_scale(q, scale)
+    T = q.shape[1]
+    win = window_mask(T, window, q.device)
+    lin = torch.ones(T, T, dtype=torch.bool, device=q.device).tril(-window)
+    s = torch.einsum("bihk,bjhk->bhij", q.to(dt) * scale, k.to(dt))
+    s = s.masked_fill(~win, float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    a_win = gamma.to(dt)[:, None, None] * torch.exp(s - m)
+    a_lin = torch.einsum("bihf,bjhf->bhij", fq.to(dt), fk.to(dt)) * lin
+    a = a_win + a_lin
+    y = torch.einsum("bhij,bjhv->bihv", a, v.to(dt)) / (a.sum(-1)[..., None].transpose(1, 2) + eps)
+    return y.to(out_dtype)
