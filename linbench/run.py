@@ -325,7 +325,7 @@ def announce(plan: RunPlan, spec, store: Store, jobs: list, echo) -> dict:
         if cpu and not plan.ctx.limit and (est is None or est > HOUR):
             lines.append(f"  WARNING: {suite_name} without --limit "
                          + (f"takes ~{_fmt_s(est)} per method" if est is not None else
-                            "can take hours")
+                            "may take hours (its size is not known in advance)")
                          + " on CPU; pass --limit N (N examples per subject/task) to bound it")
     echo(f"linbench: plan: {len(dict.fromkeys(j.method for j in jobs))} method(s) x "
          f"{len(plan.suites)} suite(s) on {spec.name} ({plan.ctx.device}): {len(todo)} "

@@ -181,7 +181,7 @@ def test_the_plan_without_history_uses_a_stated_rough_default(env):
     # 512 transfer tokens at 490/s + 512 lora tokens at 300/s; the suite is not measured
     assert got["seconds"] == pytest.approx(512 / 490 + 512 / 300)
     assert got["unknown"] == [f"lolcats/{SUITE}"] and "at least" in lines[-1]
-    assert f"WARNING: {SUITE} without --limit can take hours on CPU" in text and "--limit N" in text
+    assert f"WARNING: {SUITE} without --limit may take hours (its size is not known in advance) on CPU" in text and "--limit N" in text
     lines.clear()
     runner.announce(_plan(env, limit=5), spec, store, jobs, lines.append)
     assert "WARNING" not in "\n".join(lines)
