@@ -22,9 +22,10 @@ import importlib.util, json, sys
 from importlib import resources
 import linbench.kernels.linear.reference, linbench.kernels.triton, linbench.methods.softmax
 import linbench.suites.base, linbench.cli
+import linbench.records.schema, linbench.assets.models, linbench.recovery.budget, linbench.speed.sweep, linbench.report.build
 for generic in ("kernels", "methods", "suites"):
     assert importlib.util.find_spec(generic) is None, generic + " leaked as a top-level name"
-assert json.loads(resources.files("linbench").joinpath("data_lock.json").read_text())["wheels"]
+assert json.loads(resources.files("linbench.assets").joinpath("data_lock.json").read_text())["wheels"]
 yamls = [p.name for p in resources.files("linbench.suites").joinpath("tasks").iterdir()]
 assert any(n.endswith(".yaml") for n in yamls), yamls
 print("OK", linbench.kernels.linear.reference.__file__)
@@ -64,7 +65,7 @@ def test_install(tmp_path, mode):
     if mode == "wheel":
         assert str(tmp_path / "venv") in where  # the installed copy, not the checkout
     else:
-        assert where == str(ROOT / "kernels" / "reference.py")
+        assert where == str(ROOT / "kernels" / "linear" / "reference.py")
     cli = subprocess.run([str(py.parent / "linbench"), "ls", "methods"], capture_output=True,
                          text=True, cwd=tmp_path, env=env)
     assert cli.returncode == 0 and "softmax" in cli.stdout.split(), cli.stderr
