@@ -6,16 +6,28 @@ hash and the dtype; for speed records the device, the package versions, the leve
 shape (batch, heads, dim, dtype). Other rows get their own table. Records whose status is
 not "ok" appear as rows with their status, never dropped.
 
-Nothing here knows a method or suite by name. Rows are ordered by `method_role` (the
-parent, then baselines, then every other method by name) and compared with the parent
-row; metric order, labels, direction, notes and derived metrics come from each record's
-`suite_meta`; tables are ordered by the suites' declared `order`, speed last.
+Nothing here knows a method or suite by name. Quality rows: the parent row (`method_role`
+"parent") first, then every other row by the suite's primary metric in its direction
+(rows without it last; ties by role, then name); in a suite whose parent is at chance
+(stats.suite_at_chance) nothing is ranked: parent, baselines, then by name. Speed rows:
+parent, baselines, then by name. Metric order, labels, direction, notes and derived
+metrics come from each record's `suite_meta`; tables are ordered by the suites' declared
+`order`, speed last.
+
+Every quality cell beside the parent carries the paired test of stats.compare on the
+items both records share: "≈ " before the value (and before its "% of parent" / "x
+parent") when the difference is not significant at 95%, the value as is when it is, and
+as is with a table note counting the cells that could not be tested and why. A suite
+whose parent is at chance gets stats.AT_CHANCE_NOTE and no comparison columns. A table
+whose rows come from several git commits, a dirty tree or several linbench versions says
+so in a note.
 
 `build_tables` returns structured tables (the HTML page and the plots read them);
 `tables` returns them as markdown, which `linbench run`, `speed` and `report` print.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -23,6 +35,7 @@ import pandas as pd
 from linbench.records import keys
 from linbench.report import meta as plugin_meta
 from linbench.report import speed_table as report_speed
+from linbench.report import stats
 from linbench.report.cells import Cell, fmt_bytes, fmt_count, fmt_metric, num, state_bytes_of
 from linbench.report.frame import frame_of
 
@@ -42,6 +55,9 @@ class Table:
     values: pd.DataFrame | None = None  # metric values: rows aligned with records, columns
     #                                     metric_names (derived metrics included)
     meta: dict = field(default_factory=dict)  # the suite's metadata (suite_meta)
+    stderr: pd.DataFrame | None = None  # like values, the metrics' stderr
+    comparisons: dict = field(default_factory=dict)  # (row, metric) -> stats.Comparison
+    at_chance: bool | None = None  # the parent within 2 stderr of chance (primary metric)
 
 
 def _groups(df: pd.DataFrame, records: list[dict]) -> list[list[int]]:
@@ -87,13 +103,141 @@ def _wide(rows: pd.DataFrame, order: list[int], names: list[str], column: str) -
         index=order, columns=names)
 
 
-def _vs_parent(spec: dict, value, ratio) -> Cell:
+def _vs_parent(spec: dict, value, ratio, c: stats.Comparison | None = None) -> Cell:
     value, ratio = num(value), num(ratio)
     if value is None or ratio is None:
         return Cell("-")
     if plugin_meta.lower_is_better(spec):
-        return Cell(f"{ratio:.3f}x", ratio)
-    return Cell(f"{100 * ratio:.1f}%", 100 * ratio)
+        return _marked(Cell(f"{ratio:.3f}x", ratio), c)
+    return _marked(Cell(f"{100 * ratio:.1f}%", 100 * ratio), c)
+
+
+def _marked(cell: Cell, c: stats.Comparison | None) -> Cell:
+    """The cell with the paired test's mark ("≈ " when not significant) and tooltip."""
+    if c is None:
+        return cell
+    if c.significant is False:
+        cell.text, cell.css = f"{stats.APPROX} {cell.text}", "ns"
+    cell.title = c.describe() if c.significant is not None else f"not tested: {c.test}"
+    return cell
+
+
+BUDGET_STAGES = ("transfer", "lora")  # the stages a config budget names (<stage>_tokens)
+BUDGET_COLUMN = "recovery budget (tokens)"
+
+
+def _budget(rec: dict) -> Cell:
+    """The recovery budget of a row: the preset's name (when the budget has a plain one) and
+    the tokens of each stage, as trained (record["recovery"]) or else as budgeted
+    (config["recovery"]["budget"]); "trained/budget" where a stage stopped early; "-" for
+    a method without recovery (neither)."""
+    stages = [s for s in rec.get("recovery") or [] if isinstance(s, dict)]
+    budget = ((rec.get("config") or {}).get("recovery") or {}).get("budget")
+    budget = budget if isinstance(budget, dict) else {}
+    planned = {st: int(budget[f"{st}_tokens"]) for st in BUDGET_STAGES
+               if isinstance(budget.get(f"{st}_tokens"), (int, float))}
+    parts, total = [], 0
+    if stages:
+        for s in stages:
+            tokens = int(s.get("tokens") or 0)
+            total += tokens
+            text = f"{s.get('stage') or '?'} {fmt_count(tokens)}"
+            want = planned.get(s.get("stage"))
+            if want and tokens < want:
+                text += f"/{fmt_count(want)}"
+            parts.append(text)
+    else:
+        parts = [f"{st} {fmt_count(t)}" for st, t in planned.items() if t > 0]
+        total = sum(planned.values())
+    if not parts:
+        return Cell("-")
+    name = budget.get("name")
+    head = f"{name}: " if isinstance(name, str) and name != "custom" and re.fullmatch(
+        r"[A-Za-z][\w.-]*", name) else ""
+    return Cell(head + " + ".join(parts), total)
+
+
+def _sort_rule(recs: list[dict], values: pd.DataFrame, order: list[int], parent: dict | None,
+               primary: str | None, spec: dict | None, ranked: bool) -> tuple[list[int], str]:
+    """Row positions in display order, and the rule as a note: rows with role "parent"
+    first (the compared one first), then every other row by the suite's primary metric in
+    its direction, rows without a value last; ties (and an unranked table) by role, then
+    method name, then creation time."""
+    lower = bool(spec) and plugin_meta.lower_is_better(spec)
+
+    def key(pos: int):
+        rec = recs[pos]
+        tie = (*plugin_meta.row_rank(rec), rec.get("created") or "")
+        if rec.get("method_role") == "parent":
+            return (0, rec is not parent, 0.0, tie)
+        v = num(values.at[order[pos], primary]) if ranked and primary else None
+        if v is None:
+            return (1, ranked and primary is not None, 0.0, tie)
+        return (1, False, v if lower else -v, tie)
+
+    positions = sorted(range(len(recs)), key=key)
+    who = parent.get("method") if parent is not None else "the parent"
+    if ranked and primary:
+        label = (spec or {}).get("label") or primary
+        rule = (f"rows: {who} (the parent) first, then by {label} "
+                f"({'lower' if lower else 'higher'} is better); rows without it last")
+    else:
+        rule = (f"rows: {who} (the parent) first, then baselines, then by method name"
+                + (" (not ranked: the parent is at chance)" if primary else ""))
+    return positions, rule
+
+
+def _with_derived(rec: dict, values: pd.Series) -> dict:
+    """The record with the report's derived metrics (value only) added to its metrics, so
+    that stats.suite_at_chance finds a derived primary metric."""
+    have = dict(rec.get("metrics") or {})
+    for name, v in values.items():
+        if name not in have and num(v) is not None:
+            have[name] = {"value": num(v), "stderr": None}
+    return {**rec, "metrics": have}
+
+
+WHY_UNTESTED = {  # stats' reasons, said for a reader of the table
+    stats.NO_ITEMS: f"{stats.NO_ITEMS} (records written before suites stored per-item outcomes)",
+    "metric missing": "no value for the parent",
+}
+
+
+def _untested_note(untested: dict[str, int], total: int, who: str) -> str | None:
+    if not untested:
+        return None
+    n = sum(untested.values())
+    why = "; ".join(f"{WHY_UNTESTED.get(k, k)}: {v}"
+                    for k, v in sorted(untested.items(), key=lambda kv: (-kv[1], kv[0])))
+    return (f"significance: {n} of {total} cells beside {who} could not be tested and are "
+            f"shown without a mark ({why})")
+
+
+def provenance_notes(recs: list[dict]) -> list[str]:
+    """Notes for a table whose rows come from different code: several git commits, a dirty
+    tree (uncommitted changes), several linbench versions."""
+    shas: dict[str, bool] = {}
+    for r in recs:
+        git = r.get("git") or {}
+        sha = (git.get("sha") or "unknown")[:12]
+        shas[sha] = shas.get(sha, False) or bool(git.get("dirty"))
+    notes = []
+    dirty = sum(bool((r.get("git") or {}).get("dirty")) for r in recs)
+    if len(shas) > 1 or dirty:
+        names = ", ".join(f"{s} (dirty)" if d else s for s, d in sorted(shas.items()))
+        head = (f"code: rows come from {len(shas)} git commits: {names}" if len(shas) > 1
+                else f"code: every row from git {names}")
+        notes.append(head + (f"; {dirty} of {len(recs)} records from a dirty tree "
+                             "(uncommitted changes: the code is not exactly that commit)"
+                             if dirty else "; no record from a dirty tree"))
+    versions: dict[str, int] = {}
+    for r in recs:
+        v = str(r.get("linbench") or "unknown")
+        versions[v] = versions.get(v, 0) + 1
+    if len(versions) > 1:
+        notes.append("linbench versions differ: " + ", ".join(
+            f"{v} ({k} records)" for v, k in sorted(versions.items())))
+    return notes
 
 
 def _quality_table(rows: pd.DataFrame, recs: list[dict], order: list[int]) -> Table:
@@ -105,19 +249,28 @@ def _quality_table(rows: pd.DataFrame, recs: list[dict], order: list[int]) -> Ta
     values, stderr, ns = (_wide(rows, order, names, c) for c in ("value", "stderr", "n"))
     parent = _parent(recs)
     pid = order[recs.index(parent)] if parent is not None else None
+    primary = plugin_meta.primary(meta, names)
+    at_chance = (stats.suite_at_chance(_with_derived(parent, values.loc[pid]), primary, meta)
+                 if parent is not None and primary is not None else None)
+    positions, rule = _sort_rule(recs, values, order, parent, primary,
+                                 specs.get(primary) if primary else None, not at_chance)
+    recs, order = [recs[p] for p in positions], [order[p] for p in positions]
     # every value over the parent's (none where the parent has no value or a zero one)
     ratios = (values / values.loc[pid].where(values.loc[pid] != 0)) if pid is not None else None
     who = parent.get("method") if parent is not None else "parent"
+    compare_columns = parent is not None and not at_chance
     columns = ["method", "status", "n"]
     for name in names:
         label = specs[name]["label"]
         columns.append(label)
-        if parent is not None:
+        if compare_columns:
             columns.append(f"{label} / {who}" if plugin_meta.lower_is_better(specs[name])
                            else f"{label} % of {who}")
-    columns += ["state bytes", "recovery tokens"]
-    out, failed = [], []
-    for rec, rid in zip(recs, order):
+    columns += ["state bytes", BUDGET_COLUMN]
+    out, failed, comparisons = [], [], {}
+    untested: dict[str, int] = {}
+    tested = 0
+    for pos, (rec, rid) in enumerate(zip(recs, order)):
         n = num(ns.at[rid, names[0]]) if names else None
         row = [Cell(rec.get("method") or "?",
                     f"{plugin_meta.row_rank(rec)[0]} {rec.get('method')}"),
@@ -127,27 +280,43 @@ def _quality_table(rows: pd.DataFrame, recs: list[dict], order: list[int]) -> Ta
             text = fmt_metric(specs[name], value, stderr.at[rid, name])
             if own_n is not None and own_n != n:
                 text += f" (n={own_n})"
-            row.append(Cell(text, value))
-            if parent is not None:
-                row.append(_vs_parent(specs[name], value, ratios.at[rid, name]))
+            c = None
+            if parent is not None and rec is not parent and value is not None:
+                c = stats.compare(parent, rec, name, meta=plugin_meta.suite_meta(rec) or meta)
+                comparisons[(pos, name)] = c
+                if c.significant is None:
+                    untested[c.test] = untested.get(c.test, 0) + 1
+                else:
+                    tested += 1
+            row.append(_marked(Cell(text, value), c))
+            if compare_columns:
+                row.append(_vs_parent(specs[name], value, ratios.at[rid, name], c))
         sb, seqlen = state_bytes_of(rec)
         row.append(Cell(fmt_bytes(sb) + (f" @{seqlen}" if sb is not None and seqlen else ""), sb))
-        tokens = sum(int(s.get("tokens") or 0) for s in rec.get("recovery") or [])
-        row.append(Cell(fmt_count(tokens), tokens))
+        row.append(_budget(rec))
         out.append(row)
         if not _ok(rec):
             failed.append(f"{rec.get('method')}: {rec.get('status')}"
                           + (f": {rec['error']}" if rec.get("error") else ""))
-    notes = list(dict.fromkeys(specs[n]["note"].replace("{parent}", who)
-                               for n in names if specs[n]["note"]))
+    notes = [stats.AT_CHANCE_NOTE] if at_chance else []
+    notes += list(dict.fromkeys(specs[n]["note"].replace("{parent}", who)
+                                for n in names if specs[n]["note"]))
     if parent is None:
         notes.append('no row with method_role "parent" and status ok under this key: no '
                      "comparison columns")
+    if tested:
+        notes.append(f"{stats.APPROX}: not significantly different from {who} at 95% on the "
+                     "same items (paired test; unmarked: significant)")
+    untested_note = _untested_note(untested, tested + sum(untested.values()), who)
+    notes += [untested_note] if untested_note else []
+    notes.append(rule)
+    notes += provenance_notes(recs)
     f = keys.fields(first)
     title = (f"{suite} v{f['suite_version']} · model {f['model']} "
              f"({(f['model_hash'] or '')[:12]}) · {f['dtype']} · lm-eval {f['lm_eval']}")
     return Table("quality", suite, title, keys.key(first), columns, out, recs, notes + failed,
-                 names, values.set_axis(range(len(recs))), meta)
+                 names, values.loc[order].set_axis(range(len(recs))), meta,
+                 stderr.loc[order].set_axis(range(len(recs))), comparisons, at_chance)
 
 
 def build_tables(records: list[dict]) -> list[Table]:
@@ -158,7 +327,7 @@ def build_tables(records: list[dict]) -> list[Table]:
         if keys.kind(recs[0]) == "speed":
             columns, rows, notes, title = report_speed.speed_table(recs)
             out.append(Table("speed", recs[0].get("suite") or "?", title, keys.key(recs[0]),
-                             columns, rows, recs, notes))
+                             columns, rows, recs, notes + provenance_notes(recs)))
         else:
             out.append(_quality_table(df[df.record.isin(order)], recs, order))
     return out

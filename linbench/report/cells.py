@@ -10,9 +10,13 @@ from linbench.units import fmt_bytes, fmt_count  # noqa: F401  (re-exported for 
 
 @dataclass
 class Cell:
-    """A table cell: the text shown and the value it sorts by (None sorts last)."""
+    """A table cell: the text shown, the value it sorts by (None sorts last), a tooltip
+    (the HTML title: the paired test against the parent) and a CSS class ("ns": not
+    significantly different from the parent)."""
     text: str
     sort: float | int | str | None = None
+    title: str | None = None
+    css: str | None = None
 
 
 def num(x):

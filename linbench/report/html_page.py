@@ -15,6 +15,7 @@ import html
 import time
 
 from linbench.report import meta as plugin_meta
+from linbench.report import stats
 from linbench.report.build import PROVENANCE_COLUMNS, provenance
 
 CSS = """
@@ -38,6 +39,11 @@ details.prov{margin:6px 0 0;font-size:12.5px}details.prov td{text-align:left;whi
 figure{margin:16px 0;border:1px solid #dde3ec;padding:8px;display:inline-block;max-width:100%}
 figure img{max-width:100%;height:auto;display:block}figcaption{color:#5b6678;font-size:12.5px}
 p.skipped{color:#8a6d00;background:#fff8e0;padding:6px 10px;border-left:3px solid #e0b000}
+td.ns{color:#7a8699}td[title]{cursor:help}
+ul.notes li.chance{color:#8a4b00;font-weight:600}
+div.legend{border:1px solid #dde3ec;background:#f7f9fc;padding:6px 12px;margin:10px 0;font-size:13px}
+div.legend dt{font-weight:600;display:inline}div.legend dd{display:inline;margin:0 0 0 6px}
+div.legend div{margin:2px 0}
 """
 
 # Installed first, in <head>: every later error lands in the DOM.
@@ -114,7 +120,30 @@ def _cell(c) -> str:
         attr = ' data-sort=""' if c.text == "-" else ""
     else:
         attr = f' data-sort="{_e(c.sort)}"'
+    if getattr(c, "title", None):
+        attr += f' title="{_e(c.title)}"'
+    if getattr(c, "css", None):
+        attr += f' class="{_e(c.css)}"'
     return f"<td{attr}>{_e(c.text)}</td>"
+
+
+LEGEND = [
+    (f"{stats.APPROX} 41.2", "not significantly different from the parent row at 95% on the "
+     "items both runs share (paired test: exact McNemar for accuracies, bootstrap for "
+     "averages and other values, document bootstrap of the ratio for perplexities); the "
+     "same mark on its % of parent / x parent"),
+    ("41.2", "significant, or not testable (the table's notes count those cells and say "
+     "why, e.g. records without per-item outcomes)"),
+    ("hover a cell", "the test: difference, 95% CI, p, number of shared items"),
+    ("parent at chance", "the parent is within 2 stderr of the chance level: that suite "
+     "cannot rank methods on this model, so its table has no % of parent and is not ranked"),
+]
+
+
+def legend_html() -> str:
+    return ('<div class="legend" id="legend"><b>Marks</b>'
+            + "".join(f"<div><dt>{_e(k)}</dt><dd>{_e(v)}</dd></div>" for k, v in LEGEND)
+            + "</div>")
 
 
 def _table(i: int, t, plots) -> str:
@@ -130,7 +159,9 @@ def _table(i: int, t, plots) -> str:
              f'data-suite="{_e(t.suite)}"><thead><tr>{head}</tr></thead>'
              f'<tbody>{"".join(body)}</tbody></table></div>']
     if t.notes:
-        parts.append('<ul class="notes">' + "".join(f"<li>{_e(n)}</li>" for n in t.notes) + "</ul>")
+        parts.append('<ul class="notes">' + "".join(
+            f'<li class="chance">{_e(n)}</li>' if n == stats.AT_CHANCE_NOTE else f"<li>{_e(n)}</li>"
+            for n in t.notes) + "</ul>")
     mine = [p for p in plots if p.table == i]
     if mine:
         parts.append("<p>Plots: " + ", ".join(f'<a href="#{_e(p.path.stem)}">{_e(p.title)}</a>'
@@ -162,7 +193,7 @@ def page(tables: list, plots: list, skipped: dict[str, str], n_records: int,
             f"records · {len(tables)} tables · {len(plots)} plots · rows share a table only "
             f"under one comparability key; click a column header to sort</p>",
             '<ul id="js-errors" hidden></ul>', f"<nav><ul>{toc}</ul></nav>",
-            "<h2>Tables</h2>"]
+            "<h2>Tables</h2>", legend_html()]
     body += [_table(i, t, plots) for i, t in enumerate(tables)]
     body.append('<h2 id="plots">Plots</h2>')
     for section, title in sections.items():

@@ -32,7 +32,8 @@ def markdown_page(tables: list, plots: list, skipped: dict, n_records: int,
     lines = ["# linbench leaderboard", "",
              f"Generated {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())} from "
              f"{n_records} records. Rows share a table only under one comparability key.", "",
-             "## Tables", ""]
+             "## Tables", "", "Marks:", ""]
+    lines += [f"- `{k}`: {v}" for k, v in report_html.LEGEND] + [""]
     for i, t in enumerate(tables):
         lines += [report.to_markdown(t), ""]
         mine = [p for p in plots if p.table == i]

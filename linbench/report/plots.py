@@ -2,17 +2,24 @@
 global state). One function per kind; each returns the plots it wrote (none without data).
 Which metric a quality plot shows, its direction and chance level, and which details hold
 heatmap grids come from the records' suite_meta; colours and order from method_role.
+Readability rules: perplexities (and any value spanning 100x) on a log axis; no label
+written over another (place_labels: coinciding points share one label, the others move
+aside); who failed where in a speed sweep is said in the legend, not over the curves;
+recovery losses spanning 20x on a log axis, one legend for the figure.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import NullFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
+from matplotlib.transforms import Bbox
 
 from linbench.report import meta as plugin_meta
+from linbench.report import stats
 from linbench.report.cells import fmt_bytes, num, state_bytes_of
 from linbench.report.heatmaps import heatmap
 
@@ -88,9 +95,27 @@ def _tokens_per_s(rec: dict):
     return ((rec.get("metrics") or {}).get("tokens_per_s") or {}).get("value")
 
 
+def fmt_length(n: int) -> str:
+    """A sequence length for a label: 2048 -> 2k, 131072 -> 128k, 1048576 -> 1M."""
+    if n >= 2 ** 20 and n % 2 ** 18 == 0:
+        return f"{n / 2 ** 20:g}M"
+    return f"{n / 1024:g}k" if n >= 1024 and n % 512 == 0 else str(n)
+
+
+def _lengths_text(failed: list[int], lengths: list[int]) -> str:
+    """T=... of a failure: "T=128k", "T >= 128k" (every length from there on), or a list."""
+    failed = sorted(set(failed))
+    if len(failed) == 1:
+        return f"T={fmt_length(failed[0])}"
+    if failed == lengths[lengths.index(failed[0]):]:
+        return f"T \u2265 {fmt_length(failed[0])}"
+    return "T=" + ", ".join(fmt_length(t) for t in failed)
+
+
 def speed_figure(table, colors: dict) -> Figure | None:
-    """tokens/s and peak memory vs T, log-log, one line per (method, mode); a failed
-    (oom / timeout) length is an x at the top of the axis, labelled with who failed."""
+    """tokens/s and peak memory vs T, log-log, one line per (method, mode); a length where
+    a run failed (oom / timeout) is an x at the top of both axes, and who failed where is
+    listed in the legend ("softmax fwd: timeout, T >= 128k"), not written over the plot."""
     styles = {"fwd": "-", "prefill": "-", "fwdbwd": "--", "decode": ":"}
     series: dict[tuple, list[dict]] = {}
     for r in table.records:
@@ -98,9 +123,9 @@ def speed_figure(table, colors: dict) -> Figure | None:
             series.setdefault((r.get("method"), r["details"].get("mode")), []).append(r)
     if not series:
         return None
-    fig = Figure(figsize=(12, 4.6), layout="constrained")
+    fig = Figure(figsize=(12, 4.8), layout="constrained")
     axes = fig.subplots(1, 2)
-    failed = []
+    failed: dict[tuple, list[int]] = {}  # (method, mode, status) -> lengths
     for (method, mode), recs in series.items():
         recs = sorted(recs, key=lambda r: r["details"]["seqlen"])
         for ax, get in ((axes[0], _tokens_per_s), (axes[1], lambda r: r["details"].get("peak_mem_bytes"))):
@@ -109,34 +134,33 @@ def speed_figure(table, colors: dict) -> Figure | None:
             if pts:
                 ax.plot(*zip(*pts), marker="o", ms=4, ls=styles.get(mode, "-."),
                         color=colors.get(method), label=f"{method} {mode}")
-        failed += [r for r in recs if r.get("status") != "ok"]
+        for r in recs:
+            if r.get("status") != "ok":
+                failed.setdefault((method, mode, r.get("status")), []).append(
+                    r["details"]["seqlen"])
     lengths = sorted({r["details"]["seqlen"] for recs in series.values() for r in recs})
-    by_t: dict[int, list[dict]] = {}
-    for r in failed:
-        by_t.setdefault(r["details"]["seqlen"], []).append(r)
+    at = sorted({t for ts in failed.values() for t in ts})
     for ax, ylabel in ((axes[0], "tokens / s"), (axes[1], "peak memory (bytes)")):
         ax.set_xscale("log", base=2)
         if ax.lines:
             ax.set_yscale("log")
-        trans = ax.get_xaxis_transform()  # x in data, y in axes fraction
-        for t, recs in by_t.items():
-            ax.plot([t], [FAILED_Y], marker="x", ms=12, mew=3, color=FAILED_COLOR,
-                    transform=trans, clip_on=False, ls="none")
-            right = t != lengths[0]  # text left of the mark, except at the shortest length
-            for k, r in enumerate(recs):
-                ax.annotate(f"{r.get('method')} {r['details'].get('mode')}: {r.get('status')}",
-                            (t, FAILED_Y), xycoords=trans, xytext=(-8 if right else 8, -10 - 10 * k),
-                            textcoords="offset points", fontsize=7.5, ha="right" if right else "left",
-                            va="top", color=colors.get(r.get("method")),
-                            bbox={"boxstyle": "square,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.8})
+        if at:  # one x per failed length, at the top of the axis (x in data, y in axes)
+            ax.plot(at, [FAILED_Y] * len(at), marker="x", ms=11, mew=2.5, color=FAILED_COLOR,
+                    transform=ax.get_xaxis_transform(), clip_on=False, ls="none")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: fmt_length(int(round(x)))))
         ax.set_xlabel("sequence length T (tokens)")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
+    _bytes_axis(axes[1].yaxis)
     handles, labels = axes[0].get_legend_handles_labels()
     if failed:
         handles.append(Line2D([], [], marker="x", ls="none", color=FAILED_COLOR, mew=2.5))
-        labels.append("oom / timeout")
-    fig.legend(handles, labels, loc="outside right upper", fontsize=8)
+        labels.append("failed (x at top):")
+        for (method, mode, status), ts in failed.items():
+            handles.append(Line2D([], [], marker="x", ls="none", ms=5, mew=1.5,
+                                  color=colors.get(method)))
+            labels.append(f"{method} {mode}: {status}, {_lengths_text(ts, lengths)}")
+    fig.legend(handles, labels, loc="outside right upper", fontsize=8, handlelength=3.5)
     fig.suptitle(table.title, fontsize=9)
     return fig
 
@@ -147,52 +171,159 @@ def speed_plot(i: int, table, colors: dict, out: Path) -> list[Plot]:
         return []
     path = _save(fig, out / f"speed-{i}.png")
     return [Plot("speed", table.title, path, "Throughput (left) and peak memory (right) vs "
-                 "sequence length, log-log; x at the top of an axis: the run failed "
-                 "(oom / timeout) at that length.", i)]
+                 "sequence length, log-log; x at the top of an axis: a run failed "
+                 "(oom / timeout) at that length; the legend says which.", i)]
+
+
+def _canvas(fig: Figure):
+    """An Agg canvas for the figure (text extents need a renderer; still no pyplot)."""
+    if not isinstance(fig.canvas, FigureCanvasAgg):
+        FigureCanvasAgg(fig)
+    fig.draw_without_rendering()  # the final layout, so display coordinates hold
+    return fig.canvas.get_renderer()
+
+
+# label offsets (points) tried in turn: beside the point, then above / below, then further
+# out with a leader line
+OFFSETS = [(6, 3), (6, -3), (-6, 3), (-6, -3), (0, 9), (0, -9)]
+OFFSETS += [(dx * k, dy * k) for k in (2.5, 4) for dx, dy in
+            ((8, 6), (8, -6), (-8, 6), (-8, -6), (0, 10), (0, -10))]
+
+
+def _overlap(a, b) -> float:
+    w = min(a.x1, b.x1) - max(a.x0, b.x0)
+    h = min(a.y1, b.y1) - max(a.y0, b.y0)
+    return w * h if w > 0 and h > 0 else 0.0
+
+
+def place_labels(fig: Figure, ax, points: list[tuple[float, float, str]], fontsize: float = 8,
+                 avoid: list | None = None) -> list:
+    """Label each point (x, y, text in data coordinates) without overlaps: points within a
+    few pixels of each other share one label ("a, b"); each label takes the first offset
+    of OFFSETS where it stays inside the axes and clear of the other labels, the markers and
+    the `avoid` artists (else the least-overlapping one, with a leader line). Returns the
+    annotations."""
+    renderer = _canvas(fig)
+    to_px = ax.transData.transform
+    clusters: list[dict] = []
+    for x, y, text in points:
+        px = to_px((x, y))
+        for c in clusters:
+            if abs(c["px"][0] - px[0]) < 6 and abs(c["px"][1] - px[1]) < 6:
+                c["texts"].append(text)
+                break
+        else:
+            clusters.append({"x": x, "y": y, "px": px, "texts": [text]})
+    box = ax.get_window_extent(renderer)
+    marks = [Bbox.from_extents(c["px"][0] - 5, c["px"][1] - 5, c["px"][0] + 5, c["px"][1] + 5)
+             for c in clusters]
+    taken = [a.get_window_extent(renderer) for a in avoid or []]
+    out = []
+    for i, c in enumerate(sorted(clusters, key=lambda c: (-c["px"][1], c["px"][0]))):
+        text = ", ".join(dict.fromkeys(c["texts"]))
+        own = clusters.index(c)
+        best = None
+        for k, (dx, dy) in enumerate(OFFSETS):
+            ann = ax.annotate(text, (c["x"], c["y"]), xytext=(dx, dy), textcoords="offset points",
+                              fontsize=fontsize, ha="left" if dx > 0 else "right" if dx < 0
+                              else "center", va="bottom" if dy > 0 else "top",
+                              arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.6}
+                              if k >= 6 else None)
+            bb = ann.get_window_extent(renderer)
+            outside = 0.0 if (bb.x0 >= box.x0 and bb.x1 <= box.x1 and bb.y0 >= box.y0
+                              and bb.y1 <= box.y1) else bb.width * bb.height
+            cost = outside + sum(_overlap(bb, t) for t in taken) + sum(
+                _overlap(bb, m) for j, m in enumerate(marks) if j != own)
+            if best is None or cost < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (cost, ann, bb)
+            else:
+                ann.remove()
+            if cost == 0:
+                break
+        taken.append(best[2])
+        out.append(best[1])
+    return out
+
+
+def _bytes_axis(axis) -> None:
+    """A log axis of byte counts with ticks at powers of two (4 MiB, 8 MiB, ...)."""
+    axis.set_major_locator(LogLocator(base=2, numticks=9))
+    axis.set_major_formatter(FuncFormatter(lambda x, _: fmt_bytes(x)))
+    axis.set_minor_locator(NullLocator())
+
+
+def log_scale(spec: dict, values: list[float]) -> bool:
+    """A perplexity, or any positive value spanning two orders of magnitude, on a log axis."""
+    return spec.get("kind") == "perplexity" or (
+        bool(values) and min(values) > 0 and max(values) / min(values) >= 100)
 
 
 def quality_figure(table, colors: dict) -> tuple[Figure, str, list[str]] | None:
     """(figure, metric, methods without a state size) of the suite's primary metric vs
-    state bytes (log x), one point per ok record; the metric's chance level, where the
-    suite declares one, is a dotted line. None without a point to draw."""
+    state bytes (log x; log y for perplexities and values spanning 100x), one point per ok
+    record with its ±stderr bar; a hollow point is not significantly different from the
+    parent (stats.compare); the metric's chance level, where the suite declares one, is a
+    dotted line. Points that coincide share one label; labels do not overlap. None without
+    a point to draw."""
     name = plugin_meta.primary(table.meta, table.metric_names)
     if name is None:
         return None
     spec = plugin_meta.spec(table.meta, name)
+    stderr = getattr(table, "stderr", None)
+    comparisons = getattr(table, "comparisons", None) or {}
     pts, missing = [], []
-    for rec, value in zip(table.records, table.values[name]):
+    for pos, (rec, value) in enumerate(zip(table.records, table.values[name])):
         value = num(value)
         sb = state_bytes_of(rec)[0]
         if rec.get("status") != "ok" or value is None:
             continue
-        (pts if sb and sb > 0 else missing).append((sb, value, rec.get("method")))
+        err = num(stderr[name].iloc[pos]) if stderr is not None and name in stderr else None
+        c = comparisons.get((pos, name))
+        same = c is not None and c.significant is False
+        (pts if sb and sb > 0 else missing).append((sb, value, rec.get("method"), err, same))
     if not pts:
         return None
-    pct = spec["kind"] == "accuracy" and all(0 <= v <= 1 for _, v, _ in pts)
-    fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+    pct = spec["kind"] == "accuracy" and all(0 <= v <= 1 for _, v, *_ in pts)
+    scale = 100 if pct else 1
+    logy = log_scale(spec, [v for _, v, *_ in pts])
+    fig = Figure(figsize=(7.2, 4.8), layout="constrained")
     ax = fig.subplots()
-    for sb, v, m in pts:
-        y = 100 * v if pct else v
-        ax.scatter([sb], [y], color=colors.get(m), s=45, zorder=3)
-        ax.annotate(m, (sb, y), xytext=(5, 4), textcoords="offset points", fontsize=8)
+    for sb, v, m, err, same in pts:
+        color = colors.get(m)
+        if err:
+            ax.errorbar([sb], [scale * v], yerr=[scale * err], color=color, lw=1, capsize=3,
+                        alpha=0.6, zorder=2, ls="none")
+        ax.scatter([sb], [scale * v], s=45, zorder=3, edgecolors=color,
+                   facecolors="white" if same else color, linewidths=1.6)
     ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
     xs = [p[0] for p in pts]
-    if max(xs) / min(xs) < 4:  # keep a readable span around a single state size
-        ax.set_xlim(min(xs) / 2, max(xs) * 2)
-    ax.xaxis.set_major_formatter(lambda x, _: fmt_bytes(x))
-    ax.xaxis.set_minor_formatter(NullFormatter())
+    lo, hi = min(xs), max(xs)
+    ax.set_xlim(lo / (2 if hi / lo < 4 else 1.5), hi * (2 if hi / lo < 4 else 1.5))
+    ax.margins(y=0.12)
+    _bytes_axis(ax.xaxis)
     ax.set_xlabel("recurrent state / KV cache per sequence (bytes, log)")
+    avoid = []
     if spec["chance"] is not None:
-        y = 100 * spec["chance"] if pct else spec["chance"]
+        y = scale * spec["chance"]
         ax.axhline(y, color=CHANCE_COLOR, ls=":", lw=1.2, zorder=1)
-        ax.annotate(f"chance ({y:.3g}{'%' if pct else ''})", (0, y),
-                    xycoords=("axes fraction", "data"), xytext=(4, 3),
-                    textcoords="offset points", ha="left", fontsize=7.5, color=CHANCE_COLOR)
-    label = f"{name} ({'%' if pct else 'value'})"
+        avoid.append(ax.annotate(f"chance ({y:.3g}{'%' if pct else ''})", (0, y),
+                                 xycoords=("axes fraction", "data"), xytext=(4, 3),
+                                 textcoords="offset points", ha="left", fontsize=7.5,
+                                 color=CHANCE_COLOR))
+    label = f"{name} ({'%' if pct else 'value'}{', log' if logy else ''})"
     ax.set_ylabel(label + (", lower is better" if plugin_meta.lower_is_better(spec) else ""))
-    ax.grid(True, which="both", alpha=0.3)
+    ax.grid(True, which="major", alpha=0.3)
     ax.set_title(table.title, fontsize=8)
-    return fig, name, sorted({m for *_, m in missing})
+    if getattr(table, "at_chance", None):
+        avoid.append(ax.text(0.99, 0.98, stats.AT_CHANCE_NOTE.replace(": ", ":\n", 1),
+                             transform=ax.transAxes, ha="right", va="top", fontsize=8,
+                             color="#8a4b00", bbox={"fc": "#fff8e0", "ec": "#e0b000"}))
+    place_labels(fig, ax, [(sb, scale * v, m) for sb, v, m, *_ in pts], avoid=avoid)
+    return fig, name, sorted({m for _, _, m, *_ in missing})
 
 
 def quality_plot(i: int, table, colors: dict, out: Path) -> list[Plot]:
@@ -200,7 +331,12 @@ def quality_plot(i: int, table, colors: dict, out: Path) -> list[Plot]:
     if drawn is None:
         return []
     fig, name, missing = drawn
-    caption = f"{name} vs state size per method."
+    caption = (f"{name} vs state size per method (bars: ±1 stderr; hollow: not significantly "
+               "different from the parent on the same items).")
+    if fig.axes[0].get_yscale() == "log":
+        caption += " Log y axis."
+    if getattr(table, "at_chance", None):
+        caption += f" {stats.AT_CHANCE_NOTE[0].upper()}{stats.AT_CHANCE_NOTE[1:]}."
     if missing:
         caption += " Not plotted (no state size): " + ", ".join(missing) + "."
     path = _save(fig, out / f"quality-{i}-{table.suite}.png")
@@ -219,23 +355,35 @@ def recovery_plots(records: list[dict], colors: dict, out: Path) -> list[Plot]:
     plots = []
     for j, ((model, mhash, dtype), by_method) in enumerate(runs.items()):
         stage_names = list(dict.fromkeys(s.get("stage") for st in by_method.values() for s in st))
-        fig = Figure(figsize=(5.5 * len(stage_names), 4.2), layout="constrained")
+        fig = Figure(figsize=(5.2 * len(stage_names) + 1.8, 4.4), layout="constrained")
         axes = fig.subplots(1, len(stage_names), squeeze=False)[0]
         for ax, stage in zip(axes, stage_names):
+            ys = []
             for method, stages in by_method.items():
                 for s in (s for s in stages if s.get("stage") == stage):
                     c = colors.get(method)
                     if s.get("curve"):
-                        ax.plot(*zip(*s["curve"]), color=c, lw=1.2, label=f"{method} train")
+                        ax.plot(*zip(*s["curve"]), color=c, lw=1.2)
+                        ys += [y for _, y in s["curve"]]
                     if s.get("val_curve"):
-                        ax.plot(*zip(*s["val_curve"]), color=c, ls="--", marker="o", ms=3,
-                                label=f"{method} val")
+                        ax.plot(*zip(*s["val_curve"]), color=c, ls="--", marker="o", ms=3)
+                        ys += [y for _, y in s["val_curve"]]
+            ys = [y for y in ys if y is not None]
+            wide = bool(ys) and min(ys) > 0 and max(ys) / min(ys) >= 20
+            if wide:  # losses from ~1 to ~1000: a linear axis flattens the good ones
+                ax.set_yscale("log")
             ax.set_title(f"stage: {stage}", fontsize=9)
             ax.set_xlabel("tokens seen")
-            ax.set_ylabel("loss")
-            ax.xaxis.set_major_formatter(lambda x, _: f"{x / 1e6:g}M" if x >= 1e6 else f"{x:g}")
-            ax.grid(True, alpha=0.3)
-            ax.legend(fontsize=7)
+            ax.set_ylabel("loss" + (" (log)" if wide else ""))
+            ax.xaxis.set_major_formatter(lambda x, _: f"{x / 1e6:g}M" if x >= 1e6
+                                         else f"{x / 1e3:g}k" if x >= 1e3 else f"{x:g}")
+            ax.grid(True, which="both", alpha=0.3)
+        handles = [Line2D([], [], color=colors.get(m), lw=2) for m in by_method]
+        labels = list(by_method)
+        handles += [Line2D([], [], color="0.3", lw=1.2),
+                    Line2D([], [], color="0.3", ls="--", marker="o", ms=3)]
+        labels += ["train loss", "held-out loss"]
+        fig.legend(handles, labels, loc="outside right upper", fontsize=8)
         title = f"recovery · model {model} ({mhash}) · {dtype}"
         fig.suptitle(title, fontsize=9)
         path = _save(fig, out / f"recovery-{j}.png")

@@ -112,3 +112,28 @@ def synthetic_records() -> list[dict]:
                 failed = (m == "softmax" and t == 16384) or (m == "gla" and mode == "fwdbwd" and t == 16384)
                 recs.append(speed(m, mode, t, ("oom" if m == "softmax" else "timeout") if failed else "ok"))
     return recs
+
+
+def with_items(rec: dict, metric_name: str, values, prefix: str = "q", stderr: float | None = None
+               ) -> dict:
+    """rec with per-item 0/1 (or value) outcomes of one metric (ids prefix/0..n-1) in
+    details["items"], and the metric's value, stderr and n as those outcomes give them."""
+    values = list(values)
+    n, mean = len(values), sum(values) / len(values)
+    se = math.sqrt(mean * (1 - mean) / (n - 1)) if stderr is None else stderr
+    details = {**(rec.get("details") or {})}
+    details["items"] = {**details.get("items", {}),
+                        metric_name: {"ids": [f"{prefix}/{i}" for i in range(n)], "values": values}}
+    return {**rec, "details": details,
+            "metrics": {**rec["metrics"], metric_name: metric(mean, se, n)}}
+
+
+def with_docs(rec: dict, metric_name: str, nll, tokens) -> dict:
+    """rec with per-document summed NLL and token counts of a perplexity metric."""
+    nll, tokens = list(nll), list(tokens)
+    details = {**(rec.get("details") or {})}
+    details["items"] = {**details.get("items", {}), metric_name: {
+        "ids": [f"doc/{i}" for i in range(len(nll))], "nll": nll, "tokens": tokens}}
+    ppl = math.exp(sum(nll) / sum(tokens))
+    return {**rec, "details": details,
+            "metrics": {**rec["metrics"], metric_name: metric(ppl, None, sum(tokens))}}

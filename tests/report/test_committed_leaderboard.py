@@ -33,6 +33,28 @@ def test_regenerated_leaderboard_equals_the_committed_one(tmp_path):
         p.name for p in (EMBEDDED / "leaderboard").glob("*.png"))
 
 
+def test_regeneration_is_deterministic(tmp_path):
+    """Two reports of the same records: the same markdown and HTML (but for the time they
+    were made) and byte-identical plots, so the committed leaderboard can be checked."""
+    records = Store(EMBEDDED).records()
+    one, two = (leaderboard.write(copy.deepcopy(records), tmp_path / d) for d in ("a", "b"))
+    html_stamp = re.compile(r"generated \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC")
+    assert STAMP.sub("", one.markdown.read_text()) == STAMP.sub("", two.markdown.read_text())
+    assert html_stamp.sub("", one.html.read_text()) == html_stamp.sub("", two.html.read_text())
+    assert [p.path.name for p in one.plots] == [p.path.name for p in two.plots]
+    for a, b in zip(one.plots, two.plots):
+        assert a.path.read_bytes() == b.path.read_bytes(), a.path.name
+
+
+def test_committed_leaderboard_shows_what_the_records_can_and_cannot_support():
+    """The committed records have no per-item outcomes (written before suites stored them):
+    every cell is untested and the notes say so; the 5-shot MMLU parent is at chance."""
+    md = (EMBEDDED / "leaderboard" / "leaderboard.md").read_text()
+    assert "parent at chance: this suite cannot rank methods on this model" in md
+    assert "could not be tested" in md and "no per-item data" in md
+    assert "recovery budget (tokens)" in md and "code: rows come from" in md
+
+
 def test_committed_records_carry_role_and_suite_meta():
     add_meta = _add_meta()
     records = Store(EMBEDDED).records()

@@ -6,10 +6,10 @@ import pytest
 from matplotlib.image import imread
 
 from linbench.report import leaderboard
-from linbench.report.plots import make_plots, method_colors, speed_figure
+from linbench.report.plots import make_plots, method_colors, quality_figure, speed_figure
 from linbench.report.heatmaps import boundary_segments, fmt_length
 from linbench.report.build import build_tables
-from tests.report.records import record, speed, synthetic_records
+from tests.report.records import metric, record, speed, synthetic_records
 
 EXPECTED = {"quality-0-mmlu5.png", "quality-1-mmlu5.png", "quality-2-commonsense.png",
             "quality-3-ppl.png", "quality-4-recall.png", "recall-4-passkey.png",
@@ -50,7 +50,7 @@ def test_no_data_means_no_plot_and_a_reason(tmp_path):
     assert "No plot: no ok record with the (length x depth) cells" in board.html.read_text()
 
 
-def test_speed_failures_are_x_marks_at_the_top_labelled_with_who_failed():
+def test_speed_failures_are_x_marks_at_the_top_and_the_legend_says_who_failed():
     recs = [speed("softmax", "fwd", t, "oom" if t == 8192 else "ok") for t in (2048, 4096, 8192)]
     recs += [speed("gla", "fwdbwd", t, "timeout" if t == 8192 else "ok") for t in (2048, 4096, 8192)]
     (table,) = build_tables(recs)
@@ -58,15 +58,85 @@ def test_speed_failures_are_x_marks_at_the_top_labelled_with_who_failed():
     thr, mem = fig.axes[:2]
     assert thr.get_xscale() == "log" and thr.get_yscale() == "log" and mem.get_yscale() == "log"
     for ax in (thr, mem):
-        texts = sorted(t.get_text() for t in ax.texts)
-        assert texts == ["gla fwdbwd: timeout", "softmax fwd: oom"]
+        assert list(ax.texts) == []  # nothing written over the curves
         marks = [ln for ln in ax.lines if ln.get_marker() == "x"]
-        assert len(marks) == 1  # both failed at T=8192: one mark, two labels
+        assert len(marks) == 1  # both failed at T=8192: one mark
         (x,), (y,) = marks[0].get_data()
         assert x == 8192 and y == 1.0 and marks[0].get_transform() == ax.get_xaxis_transform()
         ok_lines = [ln for ln in ax.lines if ln.get_marker() == "o"]
         assert sorted(ln.get_label() for ln in ok_lines) == ["gla fwdbwd", "softmax fwd"]
         assert all(list(ln.get_xdata()) == [2048, 4096] for ln in ok_lines)
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["softmax fwd", "gla fwdbwd", "failed (x at top):",
+                      "softmax fwd: oom, T=8k", "gla fwdbwd: timeout, T=8k"]
+
+
+def test_speed_failures_over_a_range_of_lengths_are_one_legend_entry():
+    lengths = (2048, 4096, 8192, 16384, 2 ** 20)
+    recs = [speed("softmax", "fwd", t, "ok" if t < 8192 else "timeout") for t in lengths]
+    recs += [speed("gla", "fwd", t, "oom" if t == 2 ** 20 else "ok") for t in lengths]
+    (table,) = build_tables(recs)
+    fig = speed_figure(table, method_colors(recs))
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend[-2:] == ["softmax fwd: timeout, T \u2265 8k", "gla fwd: oom, T=1M"]
+    marks = [ln for ln in fig.axes[0].lines if ln.get_marker() == "x"]
+    assert len(marks) == 1 and list(marks[0].get_xdata()) == [8192, 16384, 2 ** 20]
+    assert list(fig.axes[0].texts) == []
+
+
+def _ppl_table(values: dict[str, float]):
+    recs = [record(m, "ppl", {"ppl_wiki": metric(v, None, 4096)}) for m, v in values.items()]
+    (table,) = build_tables(recs)
+    return table, recs
+
+
+def test_perplexity_is_drawn_on_a_log_axis_and_accuracy_on_a_linear_one():
+    table, recs = _ppl_table({"softmax": 14.0, "swa": 57.0, "lolcats": 31.0,
+                              "gla": 3.5e5, "hedgehog": 415.0})
+    fig, name, _ = quality_figure(table, method_colors(recs))
+    ax = fig.axes[0]
+    assert name == "ppl_wiki" and ax.get_yscale() == "log" and ax.get_xscale() == "log"
+    assert "log" in ax.get_ylabel()
+    # a perplexity is on a log axis even when its values are close together
+    table, recs = _ppl_table({"softmax": 14.0, "swa": 15.0})
+    assert quality_figure(table, method_colors(recs))[0].axes[0].get_yscale() == "log"
+    mmlu = [record(m, "mmlu5", {"acc": metric(v)}) for m, v in
+            (("softmax", 0.5), ("lolcats", 0.4), ("gla", 0.3))]
+    (table,) = build_tables(mmlu)
+    assert quality_figure(table, method_colors(mmlu))[0].axes[0].get_yscale() == "linear"
+
+
+def _label_boxes(fig, ax):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    return {t.get_text(): t.get_window_extent(renderer) for t in ax.texts}
+
+
+def test_quality_labels_do_not_overlap_and_coinciding_points_share_one():
+    values = {"softmax": 0.50, "swa": 0.30, "deltanet": 0.21, "gla": 0.21, "hedgehog": 0.228,
+              "lightning": 0.193, "lolcats": 0.298, "liger": 0.368}
+    recs = [record(m, "mmlu5", {"acc": metric(v, 0.05)}) for m, v in values.items()]
+    for r in recs:  # the four linear-attention states of about one size, as in the real runs
+        if r["method"] in ("deltanet", "gla", "lightning"):
+            r["state_bytes"] = {"seqlen": 2048, "bytes": 4_423_680}
+        elif r["method"] == "hedgehog":
+            r["state_bytes"] = {"seqlen": 2048, "bytes": 4_492_800}
+    (table,) = build_tables(recs)
+    fig, _, _ = quality_figure(table, method_colors(recs))
+    ax = fig.axes[0]
+    boxes = _label_boxes(fig, ax)
+    methods = {m for text in boxes for m in text.split(", ")}
+    assert set(values) <= methods
+    assert "deltanet, gla" in boxes or "gla, deltanet" in boxes  # the same point, one label
+    names = [t for t in boxes if not t.startswith("chance")]
+    area = ax.get_window_extent()
+    for i, a in enumerate(names):
+        b = boxes[a]
+        assert area.x0 <= b.x0 and b.x1 <= area.x1 and area.y0 <= b.y0 and b.y1 <= area.y1, a
+        for c in names[i + 1:]:
+            assert not boxes[a].overlaps(boxes[c]), (a, c)
 
 
 def test_window_boundary_follows_in_window_flips():

@@ -58,16 +58,23 @@ def test_third_party_suite_metadata_drives_order_direction_and_derived(quiz_reco
     assert first.suite == "plugin-quiz" and mmlu.suite == "mmlu5"  # declared order -1 first
     assert first.columns == ["method", "status", "n", "hits", "hits % of teacher", "Brier",
                              "Brier / teacher", "hits+MMLU", "hits+MMLU % of teacher",
-                             "state bytes", "recovery tokens"]  # declared, not alphabetical
+                             "state bytes", "recovery budget (tokens)"]  # declared order
     rows = {r["method"]: r for r in _rows(first)}
-    assert [r["method"] for r in _rows(first)] == ["teacher", "zeta", "alpha"]  # by role
+    # the parent, then by the primary metric (Brier, lower is better): zeta 0.25, alpha 0.3
+    assert [r["method"] for r in _rows(first)] == ["teacher", "zeta", "alpha"]
     assert rows["alpha"]["hits"] == "50.0 ±1.0" and rows["alpha"]["hits % of teacher"] == "62.5%"
     assert rows["alpha"]["Brier"] == "0.3 ±0.01 (n=100)" and rows["alpha"]["n"] == "40"
     assert rows["alpha"]["Brier / teacher"] == "1.500x"  # lower is better: a ratio
     assert rows["zeta"]["Brier / teacher"] == "1.250x" and rows["teacher"]["Brier / teacher"] == "1.000x"
     # derived from data: mean of hits (0.5) and alpha's mmlu5 acc (0.3); n = 40 + 100
     assert rows["alpha"]["hits+MMLU"] == "40.0 (n=140)" and rows["teacher"]["hits+MMLU"] == "-"
-    assert first.notes == ["Brier: lower is better, beside teacher as a ratio"]
+    assert first.notes == ["Brier: lower is better, beside teacher as a ratio",
+                           "significance: 5 of 5 cells beside teacher could not be tested and "
+                           "are shown without a mark (no per-item data (records written before "
+                           "suites stored per-item outcomes): 4; derived from other suites: no "
+                           "paired test: 1)",
+                           "rows: teacher (the parent) first, then by Brier (lower is better); "
+                           "rows without it last"]
     assert [r["method"] for r in _rows(mmlu)] == ["alpha"]
     assert mmlu.columns[3:4] == ["acc"] and not any("%" in c for c in mmlu.columns)
 
