@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from linbench.errors import LinbenchError
 from linbench.units import parse_count
 
-FORMS = ("smoke", "cpu", "paper", "a token count like 50000 or 2M",
+FORMS = ("smoke", "quick", "cpu", "paper", "a token count like 50000 or 2M",
          "key=value pairs like transfer=1M,lora=2M (keys: transfer, lora, val, eval, batch, "
          "micro, seqlen, patience, save)")
 
@@ -66,7 +66,8 @@ class Budget:
         return self.micro_batch or self.batch_size
 
 
-# smoke: a handful of steps. cpu: ~10 min per method on an idle 2-core CPU with the
+# smoke: a handful of steps (tests). quick: the README's first command, a couple of
+# minutes per method on 2 cores (16 transfer + 8 LoRA steps of 1 x 1024). cpu: ~10 min per method on an idle 2-core CPU with the
 # embedded SmolLM2-135M in fp32 at 1 x 1024: 120 transfer steps at ~490 tokens/s (~4.2 min)
 # + 72 LoRA steps at ~300 tokens/s (~4.1 min) + 18 evaluations of 4 held-out sequences
 # (~1.5 min). Measured on a shared, loaded CPU (1 thread): 98 and 63 tokens/s; with two
@@ -78,6 +79,8 @@ class Budget:
 PRESETS = {
     "smoke": Budget(transfer_tokens=512, lora_tokens=512, val_tokens=256, eval_every=256,
                     batch_size=1, seqlen=128, patience=2, save_every=2, name="smoke"),
+    "quick": Budget(transfer_tokens=16_384, lora_tokens=8_192, val_tokens=2048, eval_every=4096,
+                    batch_size=1, seqlen=None, patience=3, save_every=8, name="quick"),
     "cpu": Budget(transfer_tokens=122_880, lora_tokens=73_728, val_tokens=4096, eval_every=0,
                   batch_size=1, seqlen=None, patience=3, save_every=16, name="cpu"),
     "paper": Budget(transfer_tokens=20_000_000, lora_tokens=20_000_000, val_tokens=262_144,
@@ -91,7 +94,7 @@ _KEYS = {"transfer": "transfer_tokens", "lora": "lora_tokens", "val": "val_token
 
 
 def parse(text: str | Budget) -> Budget:
-    """`smoke|cpu|paper`, a token count, or `key=value,...` -> Budget (LinbenchError if bad)."""
+    """`smoke|quick|cpu|paper`, a token count, or `key=value,...` -> Budget (LinbenchError if bad)."""
     if isinstance(text, Budget):
         return text
     spec = str(text).strip()

@@ -72,11 +72,13 @@ def recover(method, model, data, budget, *, seed: int = 0, progress: bool = Fals
     corpus = data if data.seqlen == seqlen else data.with_seqlen(seqlen)
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     cache: dict = {}
+    # the calibrated init sets output-norm weights: nothing to do for methods without one
+    calibrating = getattr(cfg, "init", "paper") == "calibrated" and getattr(method, "norm", False)
 
     def tensors():
         if not cache:
             rows = max(budget.steps(s, seqlen) for s in STAGES) * budget.batch_size
-            if getattr(cfg, "init", "paper") == "calibrated":  # calibration rows too
+            if calibrating:  # calibration rows too
                 rows = max(rows, -(-cfg.calibration_tokens // seqlen))
             cache["val"] = corpus.packed("val", max(1, budget.val_tokens // seqlen))
             cache["train"] = corpus.packed("train", max(rows, 1))
@@ -88,7 +90,7 @@ def recover(method, model, data, budget, *, seed: int = 0, progress: bool = Fals
                       "data": corpus.identity(), "seed": seed})
     todo = [s for s in STAGES if _wanted(s, method, model, budget)]
     started = ckpt is not None and any((ckpt / s).exists() for s in STAGES)
-    if getattr(cfg, "init", "paper") == "calibrated" and todo and not started:
+    if calibrating and todo and not started:
         from linbench.recovery.calibrate import calibrate
         info = calibrate(model, tensors()[0], cfg.calibration_tokens, budget.micro())
         model.config.linbench = {**model.config.linbench, "calibration": info}
