@@ -88,8 +88,9 @@ def check_local_config(path: Path) -> None:
     if "model_type" not in data:
         raise LinbenchError(f"model config {cfg} has no model_type (supported: {choices})")
     if data["model_type"] not in SUPPORTED_ARCHS:
-        raise LinbenchError(f"model config {cfg}: unsupported model_type {data['model_type']!r} "
-                            f"(supported: {choices})")
+        raise LinbenchError(f"model config {cfg}: unsupported architecture {data['model_type']!r} "
+                            f"(supported: {', '.join(SUPPORTED_ARCHS.values())} families, "
+                            f"model_type {choices})")
 
 
 def _dir_hash(path: Path) -> str:

@@ -27,7 +27,7 @@ def test_a_local_directory_resolves_with_its_weights_hash(tiny_model_dir, tmp_pa
 
 @pytest.mark.parametrize("config, needle", [
     ({"hidden_size": 8}, "has no model_type (supported: llama, mistral, qwen2)"),
-    ({"model_type": "gpt2"}, "unsupported model_type 'gpt2'"),
+    ({"model_type": "gpt2"}, "unsupported architecture 'gpt2' (supported: Llama, Mistral, Qwen2 families"),
     ([1, 2], "is not a JSON object"),
     ("{not json", "is not valid JSON"),
 ])

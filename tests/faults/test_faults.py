@@ -298,7 +298,7 @@ def test_unwritable_results_and_checkpoints_fail_before_any_work(env, tmp_path):
      "has no model_type (supported: llama, mistral, qwen2)"),
     (lambda cfg: cfg.write_text(cfg.read_text()[:-20]), "is not valid JSON"),
     (lambda cfg: cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "model_type": "gpt2"})),
-     "unsupported model_type 'gpt2' (supported: llama, mistral, qwen2)"),
+     "unsupported architecture 'gpt2' (supported: Llama, Mistral, Qwen2 families, model_type llama, mistral, qwen2)"),
     (lambda cfg: cfg.unlink(), "has no config.json"),
 ], ids=["no-model_type", "bad-json", "gpt2", "missing"])
 def test_a_bad_config_json_is_one_line_exit_2(env, tmp_path, edit, needle):
