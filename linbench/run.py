@@ -332,6 +332,11 @@ def announce(plan: RunPlan, spec, store: Store, jobs: list, echo) -> dict:
          f"record(s) to compute, {len(jobs) - len(todo)} finished (reused)")
     for line in lines:
         echo(line)
+    from linbench.assets import data as embedded
+    missing = [f"{r['name']} ({r['holds']})" for r in embedded.status() if not r["ok"]]
+    if missing and todo:  # which suite reads which wheel is the suite's business
+        echo(f"  WARNING: embedded data not installed: {'; '.join(missing)}; a suite that "
+             f"reads it fails after the recovery (run `linbench fetch` first)")
     basis = (f"rates from {len(history)} earlier record(s) of this model on this machine"
              if history else "no earlier records of this model on this machine")
     if defaults:

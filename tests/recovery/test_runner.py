@@ -187,6 +187,19 @@ def test_the_plan_without_history_uses_a_stated_rough_default(env):
     assert "WARNING" not in "\n".join(lines)
 
 
+def test_the_plan_warns_about_missing_embedded_data(env, monkeypatch):
+    from linbench import run as runner
+    from linbench.assets import data
+    plan = _plan(env, limit=5)
+    spec, store, jobs = runner.preflight(plan)
+    real = data.status()
+    monkeypatch.setattr(data, "status", lambda: [{**real[0], "ok": False}, *real[1:]])
+    lines = []
+    runner.announce(plan, spec, store, jobs, lines.append)
+    (warning,) = [s for s in lines if "WARNING" in s]
+    assert f"embedded data not installed: {real[0]['name']}" in warning and "linbench fetch" in warning
+
+
 def test_the_plan_estimates_from_earlier_records_on_this_machine(env):
     from linbench import run as runner
     from linbench.records import provenance
