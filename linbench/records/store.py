@@ -96,16 +96,22 @@ class Store:
             return None
         try:
             text = path.read_text()
+        except FileNotFoundError:  # another process just moved it aside
+            return None
         except (OSError, UnicodeDecodeError) as e:
             record, why = None, f"unreadable: {e}"
         else:
             record, why = parse(text)
         if record is not None:
             return record
-        aside = path.with_name(path.name + ".corrupt")
-        if aside.exists():
-            aside = path.with_name(f"{path.name}.{time.strftime('%Y%m%dT%H%M%S')}.corrupt")
-        os.replace(path, aside)
+        aside, n = path.with_name(path.name + ".corrupt"), 1
+        while aside.exists():  # never overwrite an earlier bad copy
+            aside = path.with_name(f"{path.name}.{time.strftime('%Y%m%dT%H%M%S')}-{n}.corrupt")
+            n += 1
+        try:
+            os.replace(path, aside)
+        except FileNotFoundError:  # another process set it aside first (and said so)
+            return None
         self.warn(f"linbench: bad record {path} ({why}); kept as {aside.name}, recomputing")
         return None
 
