@@ -116,10 +116,13 @@ def preflight(plan: RunPlan) -> tuple:
     LinbenchError (one line, exit 2) before anything is written to the results."""
     validate(plan.methods, plan.suites)
     writable_dir(plan.results_dir, "--results")
-    recovering = [m for m in plan.methods
-                  if registry.methods.get(m)(**plan.overrides.get(m, {})).needs_recovery()]
+    methods = [registry.methods.get(m)(**plan.overrides.get(m, {})) for m in plan.methods]
+    recovering = [m for m in methods if m.needs_recovery()]
     if recovering:
         writable_dir(plan.checkpoints or models.cache_root() / "checkpoints", "--checkpoints")
+        from linbench.recovery import cache
+        for m in recovering:  # the corpus exists and parses (memoized for plan_jobs)
+            cache.recovery_config(m, plan.budget, plan.data, plan.ctx.seed)
     spec = models.resolve(plan.model, plan.revision)
     store = Store(plan.results_dir)
     return spec, store, plan_jobs(plan, spec, store)  # builds each recovery corpus: data present

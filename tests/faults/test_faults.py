@@ -312,7 +312,9 @@ def test_a_bad_config_json_is_one_line_exit_2(env, tmp_path, edit, needle):
     _nothing_written(tmp_path / "r", tmp_path / "c")
 
 
-def test_missing_recovery_data_fails_before_any_work(env, tmp_path):
+def test_missing_recovery_data_fails_before_any_work(env, tmp_path, monkeypatch):
+    from linbench.assets import models
+    monkeypatch.setattr(models, "resolve", lambda *a, **k: pytest.fail("model loaded first"))
     missing = tmp_path / "nope.jsonl"
     code, _, err = lb(*run_args({**env, "data": missing}, tmp_path / "r", tmp_path / "c"))
     assert code == 2
