@@ -13,9 +13,7 @@ their file locks (records.store), its recovery under the checkpoint key's lock
 from __future__ import annotations
 
 import dataclasses
-import os
 import statistics
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -26,7 +24,7 @@ from linbench.assets import models
 from linbench.errors import LinbenchError
 from linbench.records import provenance, schema
 from linbench.overrides import label
-from linbench.records.store import Store, nonfinite
+from linbench.records.store import Store, nonfinite, writable_dir
 from linbench.suites.base import RunContext
 
 STATE_SEQLEN = 2048  # the context length at which records report state size
@@ -90,25 +88,6 @@ def validate(methods: list[str], suites: list[str]) -> None:
         registry.methods.check(name)
     for name in suites:
         registry.suites.check(name)
-
-
-def writable_dir(path, option: str) -> None:
-    """`path` is, or can be created as, a writable directory (probed with a temporary file
-    in its nearest existing ancestor, removed again); LinbenchError naming it otherwise."""
-    p = Path(path).expanduser().absolute()
-    for a in (p, *p.parents):
-        if not a.exists() and not a.is_symlink():
-            continue
-        if not a.is_dir():
-            what = "is" if a == p else f"is under {a}, which is"
-            raise LinbenchError(f"{option} {path} {what} a file, not a directory "
-                                f"(give a directory path)")
-        try:
-            with tempfile.TemporaryFile(dir=a):
-                pass
-        except OSError as e:
-            raise LinbenchError(f"{option} {path}: cannot write in {a} ({e.strerror or e})") from None
-        return
 
 
 def preflight(plan: RunPlan) -> tuple:

@@ -71,6 +71,26 @@ def parse(text: str) -> tuple[dict | None, str | None]:
     return (None, "; ".join(bad)) if bad else (record, None)
 
 
+def writable_dir(path, option: str) -> None:
+    """`path` is, or can be created as, a writable directory (probed with a temporary file
+    in its nearest existing ancestor, removed again); LinbenchError naming it otherwise."""
+    from linbench.errors import LinbenchError
+    p = Path(path).expanduser().absolute()
+    for a in (p, *p.parents):
+        if not a.exists() and not a.is_symlink():
+            continue
+        if not a.is_dir():
+            what = "is" if a == p else f"is under {a}, which is"
+            raise LinbenchError(f"{option} {path} {what} a file, not a directory "
+                                f"(give a directory path)")
+        try:
+            with tempfile.TemporaryFile(dir=a):
+                pass
+        except OSError as e:
+            raise LinbenchError(f"{option} {path}: cannot write in {a} ({e.strerror or e})") from None
+        return
+
+
 class Store:
     def __init__(self, root: str | os.PathLike, warn=_stderr):
         self.root = Path(root)

@@ -188,6 +188,8 @@ def sweep(cfg: SpeedConfig, echo=print, model: ModelSource | None = None) -> lis
     from linbench import registry
     from linbench.speed.peers import FLA_PEERS
     from linbench.speed.targets import fla_target, method_kernel_target, model_target
+    from linbench.records.store import writable_dir
+    writable_dir(cfg.results_dir, "--results")  # before any shape runs
     run = _Sweep(cfg, echo)
     kernel_modes = [m for m in cfg.modes if m in ("fwd", "fwdbwd")]
     model_modes = [m for m in cfg.modes if m in ("prefill", "decode")]

@@ -244,3 +244,15 @@ def test_speed_announces_its_shapes_before_running(env, invoke, monkeypatch):
     assert "44 shapes" in line and "2K..2M" in line.upper() and "rough default" in line
     assert "at most 7 min at --time-cap 10 s per shape" in line  # 44 x 10 s
     assert ran == ["lolcats", "gla"]
+
+
+def test_speed_checks_its_results_directory_before_any_shape(env, invoke, monkeypatch):
+    from linbench.speed import sweep
+    monkeypatch.setattr(sweep._Sweep, "rows", lambda self, *a, **k: pytest.fail("a shape ran"))
+    blocker = env["tmp"] / "afile"
+    blocker.write_text("x")
+    code, out, err = invoke("speed", "--seqlen", "2k", "--methods", "lolcats", "--mode", "fwd",
+                            "--results", str(blocker / "r"))
+    assert code == 2
+    assert err.strip() == (f"linbench: error: --results {blocker / 'r'} is under {blocker}, "
+                           f"which is a file, not a directory (give a directory path)")
