@@ -106,6 +106,9 @@ class Store:
             if Path(path).resolve().is_relative_to(self.root.resolve()) else Path(_slug(str(path)))
         lock = self.root / ".locks" / (str(rel).replace(os.sep, "__") + ".lock")
         lock.parent.mkdir(parents=True, exist_ok=True)
+        ignore = self.root / ".locks" / ".gitignore"
+        if not ignore.exists():  # lock files never show up as results to commit
+            ignore.write_text("*\n")
         return FileLock(str(lock), timeout=timeout)
 
     def load(self, path: Path) -> dict | None:

@@ -114,3 +114,4 @@ def test_the_record_lock_is_exclusive_between_holders(store, tmp_path):
     second.acquire(timeout=0)
     second.release()
     assert (store.root / ".locks").is_dir() and not (store.root / "runs").exists()
+    assert (store.root / ".locks" / ".gitignore").read_text() == "*\n"  # never committed
