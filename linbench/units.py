@@ -102,9 +102,9 @@ def fmt_ms(ms: float) -> str:
 
 
 def fmt_duration(seconds: float) -> str:
-    """Estimates and elapsed times: 42 s, 3.5 min, 2.1 h."""
+    """Estimates and elapsed times: 42 s, 35 min, 2.1 h."""
     if seconds < 90:
         return f"{seconds:.0f} s"
-    if seconds < 90 * 60:
-        return f"{seconds / 60:.1f} min"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"

@@ -9,8 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from linbench.records.schema import SCHEMA_VERSION  # noqa: F401  (re-exported)
-
 _PACKAGES = ("torch", "triton", "transformers", "lm_eval", "peft")
 
 

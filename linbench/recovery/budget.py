@@ -14,7 +14,6 @@ tokens is skipped. Fields missing from a bare token form come from the `cpu` pre
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
 
 from linbench.errors import LinbenchError

@@ -36,7 +36,8 @@ from linbench.records import keys
 from linbench.report import meta as plugin_meta
 from linbench.report import speed_table as report_speed
 from linbench.report import stats
-from linbench.report.cells import Cell, fmt_bytes, fmt_count, fmt_metric, num, state_bytes_of
+from linbench.report.cells import Cell, fmt_metric, num, state_bytes_of
+from linbench.units import fmt_bytes, fmt_count
 from linbench.report.frame import frame_of
 
 

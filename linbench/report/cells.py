@@ -5,7 +5,6 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from linbench.units import fmt_bytes, fmt_count  # noqa: F401  (re-exported for the report)
 
 
 @dataclass

@@ -20,7 +20,8 @@ from matplotlib.transforms import Bbox
 
 from linbench.report import meta as plugin_meta
 from linbench.report import stats
-from linbench.report.cells import fmt_bytes, num, state_bytes_of
+from linbench.report.cells import num, state_bytes_of
+from linbench.units import fmt_bytes
 from linbench.report.heatmaps import heatmap
 
 SECTIONS = {

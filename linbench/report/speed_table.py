@@ -9,7 +9,8 @@ of the same mode and sequence length.
 from __future__ import annotations
 
 from linbench.report import meta as plugin_meta
-from linbench.report.cells import Cell, fmt_bytes, fmt_count, state_bytes_of
+from linbench.report.cells import Cell, state_bytes_of
+from linbench.units import fmt_bytes, fmt_count
 
 GPU_COLUMNS = (("tflops", "TFLOP/s", "{:.3g}"), ("gbps", "GB/s", "{:.4g}"),
                ("pct_peak", "% of peak", "{:.1f}%"))

@@ -16,14 +16,13 @@ This module imports no torch at import time (the CLI parses --seqlen with it).
 from __future__ import annotations
 
 import dataclasses
-import re
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 from linbench.records import schema
 from linbench.units import fmt_len, fmt_ms as _ms, fmt_rate as _si
-from linbench.units import parse_lengths as parse_seqlens
+from linbench.units import parse_lengths as parse_seqlens  # noqa: F401  (the CLI's --seqlen)
 
 SUITE = "speed"
 SUITE_VERSION = "1"

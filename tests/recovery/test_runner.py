@@ -10,7 +10,7 @@ import pathlib
 import pytest
 import torch
 
-from linbench import registry
+from linbench import estimate, registry
 from linbench.recovery import cache, stages
 from tests.recovery.test_recovery import write_corpus
 
@@ -173,7 +173,7 @@ def test_the_plan_without_history_uses_a_stated_rough_default(env):
     plan = _plan(env)
     spec, store, jobs = runner.preflight(plan)
     lines = []
-    got = runner.announce(plan, spec, store, jobs, lines.append)
+    got = estimate.announce(plan, spec, store, jobs, lines.append)
     text = "\n".join(lines)
     assert "1 method(s) x 1 suite(s)" in text and "1 record(s) to compute" in text
     assert "lolcats: recovery transfer 4 steps + lora 4 steps of 1 x 128 tokens" in text
@@ -183,7 +183,7 @@ def test_the_plan_without_history_uses_a_stated_rough_default(env):
     assert got["unknown"] == [f"lolcats/{SUITE}"] and "at least" in lines[-1]
     assert f"WARNING: {SUITE} without --limit may take hours (its size is not known in advance) on CPU" in text and "--limit N" in text
     lines.clear()
-    runner.announce(_plan(env, limit=5), spec, store, jobs, lines.append)
+    estimate.announce(_plan(env, limit=5), spec, store, jobs, lines.append)
     assert "WARNING" not in "\n".join(lines)
 
 
@@ -195,7 +195,7 @@ def test_the_plan_warns_about_missing_embedded_data(env, monkeypatch):
     real = data.status()
     monkeypatch.setattr(data, "status", lambda: [{**real[0], "ok": False}, *real[1:]])
     lines = []
-    runner.announce(plan, spec, store, jobs, lines.append)
+    estimate.announce(plan, spec, store, jobs, lines.append)
     (warning,) = [s for s in lines if "WARNING" in s]
     assert f"embedded data not installed: {real[0]['name']}" in warning and "linbench fetch" in warning
 
@@ -216,7 +216,7 @@ def test_the_plan_estimates_from_earlier_records_on_this_machine(env):
     elsewhere = {**earlier, "device": "another machine", "seconds": 1e6}
     store.write(store.path("m", "lolcats", SUITE, "elsewhere"), elsewhere)
     lines = []
-    got = runner.announce(plan, spec, store, jobs, lines.append)
+    got = estimate.announce(plan, spec, store, jobs, lines.append)
     text = "\n".join(lines)
     # 512 tokens x 0.01 s + 512 x 0.02 s; 40 items (from the earlier record) x 0.5 s/item
     assert got["seconds"] == pytest.approx(5.12 + 10.24 + 20.0)
@@ -226,7 +226,7 @@ def test_the_plan_estimates_from_earlier_records_on_this_machine(env):
     # a measured full suite of hours on CPU says so, with the way to bound it
     store.write(store.path("m", "lolcats", SUITE, "other"), {**earlier, "seconds": 8000.0})
     lines.clear()
-    got = runner.announce(plan, spec, store, jobs, lines.append)
+    got = estimate.announce(plan, spec, store, jobs, lines.append)
     assert got["seconds"] == pytest.approx(5.12 + 10.24 + 8000.0)
     (warning,) = [s for s in lines if "WARNING" in s]
     assert f"{SUITE} without --limit takes ~2.2 h per method on CPU; pass --limit N" in warning

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from linbench.speed import peers, roofline, timing
-from linbench.speed.sweep import parse_seqlens
+from linbench.units import parse_lengths as parse_seqlens
 
 
 @pytest.mark.parametrize("text, expected", [
