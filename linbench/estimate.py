@@ -108,6 +108,8 @@ def announce(plan, spec, store: Store, jobs: list, echo) -> dict:
         if cpu and not plan.ctx.limit and (est is None or est > HOUR):
             lines.append(f"  WARNING: {suite_name} without --limit "
                          + (f"takes ~{_fmt_s(est)} per method" if est is not None else
+                            f"may take hours ({n} items, no rate measured on this machine yet)"
+                            if n is not None else
                             "may take hours (its size is not known in advance)")
                          + " on CPU; pass --limit N (N examples per subject/task) to bound it")
     echo(f"linbench: plan: {len(dict.fromkeys(j.method for j in jobs))} method(s) x "

@@ -127,6 +127,10 @@ class Commonsense(Suite):
                 raise one_of("commonsense task", t, TASKS)
         self.tasks = [t for t in TASKS if t in set(tasks)] if tasks else list(TASKS)
 
+    def items(self, ctx: RunContext) -> int:
+        """Documents this run scores (the plan `linbench run` prints before it starts)."""
+        return sum(min(read_split(t).num_rows, ctx.limit or 1 << 62) for t in self.tasks)
+
     def config(self, ctx: RunContext) -> dict:
         return {"limit": ctx.limit, "seed": ctx.seed, "num_fewshot": 0, "split": SPLIT,
                 "tasks": "all" if self.tasks == list(TASKS) else list(self.tasks)}

@@ -116,6 +116,10 @@ class MMLU5(Suite):
                 raise one_of("mmlu subject", s, known)
         self.subjects = sorted(set(subjects)) if subjects else sorted(known)
 
+    def items(self, ctx: RunContext) -> int:
+        """Questions this run scores (the plan `linbench run` prints before it starts)."""
+        return sum(min(read_split(s, "test").num_rows, ctx.limit or 1 << 62) for s in self.subjects)
+
     def config(self, ctx: RunContext) -> dict:
         all_subjects = self.subjects == sorted(subject_categories())
         return {"limit": ctx.limit, "seed": ctx.seed, "num_fewshot": self.num_fewshot,

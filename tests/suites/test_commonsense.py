@@ -261,3 +261,10 @@ def test_embedded_smollm2_is_clearly_above_chance_on_arc_easy():
     m = record.metrics["arc_easy"]
     assert m.n == 100
     assert m.value >= 0.40, m  # measured 0.54; chance 0.25, binomial stderr 0.043 at n=100
+
+
+def test_items_counts_the_documents_a_run_scores():
+    from linbench.suites.base import RunContext
+    from linbench.suites.commonsense import TASKS, Commonsense, read_split
+    assert Commonsense().items(RunContext(limit=20)) == 20 * len(TASKS)
+    assert Commonsense().items(RunContext(limit=None)) == sum(read_split(t).num_rows for t in TASKS)

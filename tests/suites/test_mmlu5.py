@@ -214,3 +214,10 @@ def test_unknown_subject_is_a_clear_error():
         MMLU5(subjects=["astrology"])
     assert MMLU5().config(RunContext())["subjects"] == "all"
     assert set(subject_categories().values()) == set(CATEGORIES)
+
+
+def test_items_counts_the_questions_a_run_scores():
+    assert MMLU5().items(RunContext(limit=None)) == 14042          # the full test split
+    assert MMLU5().items(RunContext(limit=2)) == 114               # 2 per subject
+    assert MMLU5(subjects=SUBJECTS).items(RunContext(limit=None)) == sum(
+        read_split(s, "test").num_rows for s in SUBJECTS)
