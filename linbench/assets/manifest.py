@@ -18,7 +18,7 @@ NAME = "manifest.json"
 VERSION = 1
 
 
-def _sha256(path: Path, chunk: int = 1 << 22) -> str:
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -33,7 +33,7 @@ def _files(directory: Path) -> list[Path]:
 
 def write(directory) -> dict:
     directory = Path(directory)
-    files = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    files = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
              for p in _files(directory)}
     manifest = {"manifest_version": VERSION, "files": files}
     with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp", delete=False) as f:
@@ -67,7 +67,7 @@ def problem(directory) -> str | None:
         size = f.stat().st_size
         if size != want.get("bytes"):
             return f"{name} has {size} bytes, the manifest says {want.get('bytes')}"
-        if _sha256(f) != want.get("sha256"):
+        if sha256_file(f) != want.get("sha256"):
             return f"{name} does not match its sha256 in the manifest"
     return None
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from linbench.assets import manifest
+from linbench.assets.manifest import sha256_file  # noqa: F401  (models.sha256_file)
 from linbench.errors import LinbenchError
 
 from linbench.assets.archs import SUPPORTED_ARCHS  # noqa: F401  (re-exported)
@@ -47,14 +48,6 @@ class ModelSpec:
 def cache_root() -> Path:
     from platformdirs import user_cache_dir
     return Path(os.environ.get("LINBENCH_CACHE", user_cache_dir("linbench")))
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _looks_like_path(name: str) -> bool:
