@@ -35,18 +35,21 @@ def hand_prompt(subject: str, row: int) -> str:
 
 # ---------------------------------------------------------------- (a) the prompt
 
-def bundled_task(subject: str, cache_dir: Path):
-    """lm-eval's own `mmlu_<subject>` task, its dataset pointed at the local files."""
+def bundled_task(subject: str, cache_dir: Path, variant: str = "default", shots: int | None = 5):
+    """lm-eval's own `mmlu_<subject>` task of the bundled `variant` folder ("default": the
+    multiple-choice task, "continuation": the cloze one), its dataset pointed at the local
+    files, with `shots` as `--num_fewshot` would set them (None: the task's own)."""
     from lm_eval.api.task import ConfigurableTask
     from lm_eval.tasks._yaml_loader import load_yaml
-    cfg = load_yaml(lmeval.bundled_tasks_dir() / "mmlu" / "default" / f"mmlu_{subject}.yaml")
+    cfg = load_yaml(lmeval.bundled_tasks_dir() / "mmlu" / variant / f"mmlu_{subject}.yaml")
     assert cfg["dataset_path"] == "cais/mmlu" and cfg["dataset_name"] == subject
     cfg.pop("tag")
     cfg.update(dataset_path="arrow", dataset_name=None, dataset_kwargs={
         "data_files": {s: str(split_file(subject, s)) for s in ("dev", "test")},
         "cache_dir": str(cache_dir)})
     task = ConfigurableTask(config=cfg)
-    task.set_config(key="num_fewshot", value=5)  # what `--num_fewshot 5` does
+    if shots is not None:
+        task.set_config(key="num_fewshot", value=shots)  # what `--num_fewshot 5` does
     return task
 
 

@@ -2,7 +2,6 @@
 end-to-end run on a tiny random Llama checked against a hand-written loop (acc, acc_norm)."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,25 +9,12 @@ import torch
 
 from linbench.suites import lmeval
 from linbench.suites.base import RunContext
-from linbench.suites.mmlu5 import read_split, select_rows, split_file
+from linbench.suites.mmlu5 import read_split, select_rows
 from linbench.suites.mmlu_cloze import MMLUCloze
+from tests.suites.test_mmlu5 import bundled_task
 from tests.conftest import make_tiny_llama
 
 SUBJECTS = ["anatomy", "high_school_computer_science", "us_foreign_policy"]
-
-
-def bundled_task(subject: str, cache_dir: Path):
-    """lm-eval's own `mmlu_<subject>_continuation` task, its dataset pointed at local files."""
-    from lm_eval.api.task import ConfigurableTask
-    from lm_eval.tasks._yaml_loader import load_yaml
-    path = lmeval.bundled_tasks_dir() / "mmlu" / "continuation" / f"mmlu_{subject}.yaml"
-    cfg = load_yaml(path)
-    assert cfg["dataset_path"] == "cais/mmlu" and cfg["dataset_name"] == subject
-    cfg.pop("tag")
-    cfg.update(dataset_path="arrow", dataset_name=None, dataset_kwargs={
-        "data_files": {s: str(split_file(subject, s)) for s in ("dev", "test")},
-        "cache_dir": str(cache_dir)})
-    return ConfigurableTask(config=cfg)
 
 
 def hand_prompt(subject: str, row: int) -> tuple[str, list[str]]:
@@ -43,7 +29,7 @@ def test_requests_match_lm_eval_bundled_mmlu_continuation(tmp_path, no_network):
         plan = suite.prepare(tmp_path, RunContext(limit=None, progress=False))
         ours = lmeval.load_tasks(tmp_path / "tasks", list(plan))["tasks"]
         for subject in SUBJECTS:
-            official = bundled_task(subject, tmp_path / "official_cache")
+            official = bundled_task(subject, tmp_path / "official_cache", "continuation", None)
             mine = ours[suite.task_name(subject)]
             requests = []
             for task in (official, mine):
