@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from linbench.report import ablations
 from linbench.report import plots as plots_mod
 from linbench.report import build as report
 from linbench.report import html_page as report_html
@@ -62,6 +63,7 @@ def write(records: list[dict], out_dir) -> Leaderboard:
     out.mkdir(parents=True, exist_ok=True)
     tables = report.build_tables(records)
     plots, skipped = plots_mod.make_plots(tables, records, out)
+    tables += ablations.ablation_tables(tables)  # after the plots: they index the tables
     sections = plots_mod.sections(records)
     md = out / "leaderboard.md"
     md.write_text(markdown_page(tables, plots, skipped, len(records), sections))

@@ -1,0 +1,103 @@
+"""Ablation tables: every configuration variant beside its method's default, with the test.
+
+A run with `--set` overrides is stored under a label like `lolcats[window=0]` (the method
+name, then the changed fields in brackets). Inside one quality table (one comparability
+key) such a row is a variant of the row labelled with the bare name (`lolcats`), the
+method's default configuration. For each variant this module tests, on the items both
+records share, every metric the suite declares (its primary metric first) with the same
+paired tests as the parent comparisons (stats.compare: exact McNemar for accuracies,
+bootstrap for averages, document bootstrap of the ratio for perplexities), and renders
+one table per suite: variant, default, metric, both values, the difference (or ratio),
+its 95% CI, p, n and whether it is significant.
+
+Nothing here knows a method or suite by name: variants are recognised by the label form
+alone, metrics come from the records' suite_meta.
+"""
+from __future__ import annotations
+
+import re
+
+from linbench.report import meta as plugin_meta
+from linbench.report import stats
+from linbench.report.build import Table
+from linbench.report.cells import Cell, fmt_metric, num
+
+_VARIANT = re.compile(r"^(?P<base>[^\[\]]+)\[(?P<changes>.+)\]$")
+
+COLUMNS = ["variant", "default", "metric", "variant value", "default value", "difference",
+           "95% CI", "p", "n", "significant"]
+NOTE = ("Each variant (a run with --set overrides) against its method's default "
+        "configuration on the items both share. difference: variant - default in points for "
+        "accuracies, variant / default for perplexities. significant: at 95% (two-sided).")
+
+
+def base_of(label: str) -> tuple[str, str] | None:
+    """"lolcats[window=0]" -> ("lolcats", "window=0"); None for a bare name."""
+    m = _VARIANT.match(label or "")
+    return (m["base"], m["changes"]) if m else None
+
+
+def _metrics(meta: dict, records: list[dict]) -> list[str]:
+    """The metrics the records have (and the suite's derived means), in the suite's declared
+    order, its primary one first."""
+    present = {m for r in records for m in (r.get("metrics") or {})}
+    present |= {d["name"] for d in plugin_meta.derived(meta)}
+    names = plugin_meta.metric_order(meta, present)
+    primary = meta.get("primary")
+    return sorted(names, key=lambda n: n != primary)
+
+
+def _value(table: Table, record: dict, name: str) -> tuple:
+    """(value, stderr) of a metric of a row, as the table computed it (derived ones too)."""
+    i = next(i for i, r in enumerate(table.records) if r is record)
+    get = lambda df: num(df.iloc[i].get(name)) if df is not None and name in df else None  # noqa: E731
+    m = (record.get("metrics") or {}).get(name) or {}
+    value = get(table.values)
+    return (m.get("value") if value is None else value,
+            m.get("stderr") if get(table.stderr) is None else get(table.stderr))
+
+
+def _diff_cells(c: stats.Comparison) -> list[Cell]:
+    if c.diff is None:
+        return [Cell("-"), Cell("-"), Cell("-"), Cell("-"), Cell(c.test, title=c.test)]
+    if c.ratio:
+        diff, ci = f"{c.diff:.3f}x", f"[{c.ci[0]:.3f}, {c.ci[1]:.3f}]" if c.ci else "-"
+    else:
+        diff = f"{100 * c.diff:+.1f} pts"
+        ci = f"[{100 * c.ci[0]:+.1f}, {100 * c.ci[1]:+.1f}]" if c.ci else "-"
+    sig = "yes" if c.significant else f"no ({stats.APPROX})"
+    return [Cell(diff, c.diff, c.describe()), Cell(ci), Cell("-" if c.p is None else f"{c.p:.3g}", c.p),
+            Cell("-" if c.n_shared is None else str(c.n_shared), c.n_shared),
+            Cell(sig, int(bool(c.significant)), c.describe(), None if c.significant else "ns")]
+
+
+def ablation_table(table: Table) -> Table | None:
+    """The ablation table of one quality table, or None when it has no variant with a default."""
+    if table.kind != "quality":
+        return None
+    ok = [r for r in table.records if r.get("status") == "ok"]
+    default = {r["method"]: r for r in ok if base_of(r.get("method", "")) is None}
+    pairs = [(r, default[b[0]], b[1]) for r in ok
+             if (b := base_of(r.get("method", ""))) and b[0] in default]
+    if not pairs:
+        return None
+    meta = table.meta or {}
+    rows, recs = [], []
+    for variant, base, changes in sorted(pairs, key=lambda p: p[0]["method"]):
+        for name in _metrics(meta, [variant, base]):
+            v, d = _value(table, variant, name), _value(table, base, name)
+            if v[0] is None and d[0] is None:
+                continue
+            spec = plugin_meta.spec(meta, name)
+            c = stats.compare(base, variant, name, meta)
+            label = spec["label"]
+            rows.append([Cell(variant["method"]), Cell(base["method"]), Cell(label),
+                         Cell(fmt_metric(spec, *v)), Cell(fmt_metric(spec, *d)),
+                         *_diff_cells(c)])
+            recs.append(variant)
+    return Table("ablation", table.suite, f"Ablations: {table.title}", table.key, list(COLUMNS),
+                 rows, recs, [NOTE], meta=meta)
+
+
+def ablation_tables(tables: list[Table]) -> list[Table]:
+    return [a for t in tables if (a := ablation_table(t)) is not None]
