@@ -215,6 +215,17 @@ def test_lolcats_gamma_one_without_linear_part_is_sliding_window_softmax():
     torch.testing.assert_close(got, form_swa(h, None, attn.head_dim), rtol=1e-5, atol=1e-6)
 
 
+def test_lolcats_without_window_is_linear_attention_on_its_hedgehog_features():
+    method, model = linearized("lolcats", window=0)
+    assert method.window() == 0 and model.config.linbench["window"] == 0
+    perturb(model)
+    attn, h = _layer_heads(model, T=90)
+    assert not hasattr(attn.mixer, "gamma_logit")
+    with torch.no_grad():
+        got = attn.mixer(h, None, False)[0]
+    torch.testing.assert_close(got, form_hedgehog(h, attn.mixer, attn.head_dim), rtol=1e-4, atol=1e-5)
+
+
 def test_swa_is_exact_softmax_within_its_window():
     base = perturb(tiny())
     _, model = linearized("swa")
