@@ -1,28 +1,32 @@
-"""Sliding-window softmax and the LoLCATs window + linear hybrid, blockwise in torch.
+"""Sliding-window softmax and the LoLCATs window + linear hybrid, blockwise in torch,
+streamed over the sequence.
 
-Query blocks of `block` tokens attend to the band of keys (i - window, i]: each block
-sees block + window - 1 keys, so scores take O(T * (block + window)) memory, never T x T.
-Blocks are processed in groups of bounded size; when a gradient is needed and there is
-more than one group, each group runs under torch.utils.checkpoint, so autograd keeps
-only the inputs and the outputs (scores are recomputed in backward).
+Query blocks of `block` tokens attend to the keys of their band only: block b (queries
+t0 .. t0 + block - 1) scores block + W keys (W = min(window, T)), never T x T. Blocks
+run in groups of at most GROUP_SCORE_ELEMENTS score elements, one group at a time
+(linbench.kernels.window.stream: each group's slices are cast to the compute dtype, its
+output written into an output in v's dtype, and the backward recomputes the group), so
+peak memory is the inputs, the output and O(group x (block + W)), in the forward and in
+the backward, at any T.
 
 The hybrid (LoLCATs, arXiv 2410.10254, eq. 6): query i sees the last `window` keys with
 weight gamma_h exp(scale q_i.k_j - m_i) (m_i the window max, gradient flowing through it
 as in the reference) and older keys j <= i - window with weight fq_i.fk_j, one shared
-normalizer. The linear branch is plain causal linear attention of fq against fk and
-[v, 1] shifted right by `window` positions (zero padded), computed by
-linear_attention_chunked (unnormalized numerator and denominator together).
+normalizer. In a block's band the older keys are the ones left of the window (a masked
+(block, block + W) product); keys older than the band are in a state S = sum fk_j [v_j, 1]
+(F x (V + 1)) per block, an exclusive cumulative sum of the blocks' contributions within
+the group, carried from group to group.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-from linbench.kernels.common import (acc_dtype, augment_ones, check_positive, check_shapes,
-                                     default_scale)
-from linbench.kernels.linear.chunked import linear_attention_chunked
-from linbench.kernels.window.recurrent import WindowState, window_cache
+from linbench.kernels.common import acc_dtype, augment_ones, check_positive, check_shapes, default_scale
+from linbench.kernels.window.recurrent import window_cache, window_state
+from linbench.kernels.window.stream import streamed
 
 # Score elements (B * H * blocks * block * keys) per group of query blocks.
 GROUP_SCORE_ELEMENTS = 1 << 22
@@ -35,60 +39,66 @@ def check_features(q, fq, fk) -> None:
                          f"(expected (B, T, H, F) beside q {tuple(q.shape)})")
 
 
-def _band_mask(b0: int, nb: int, bq: int, W: int, device) -> torch.Tensor:
-    """(nb, bq, bq + W - 1): key c of block b is visible to query r.
+def group_tokens(B: int, H: int, block: int, W: int) -> int:
+    """Query tokens per group: whole blocks, about GROUP_SCORE_ELEMENTS scores."""
+    return block * max(1, GROUP_SCORE_ELEMENTS // (B * H * block * (block + W)))
 
-    Block b's keys start at absolute position b * bq - (W - 1); key c is visible when it
-    lies in (r - W, r] relative to the query and is not left padding.
+
+def _blocks(x, front: int, back: int, bq: int, W: int):
+    """Keys (B, lead + L, H, D) -> bands (B, nb, H, D, bq + W): zero padded to W keys before
+    the group and whole blocks after; block b's band starts W keys before its queries."""
+    return F.pad(x, (0, 0, 0, 0, front, back)).unfold(1, bq + W, bq)
+
+
+def _group(q, k, v, fq, fk, gamma, S, lead, *, W, bq, scale, eps, dt):
+    """One group (linbench.kernels.window.stream): q (B, L, H, K), keys (B, lead + L, H, .).
+
+    Key c of block b's band (c = 0 .. bq + W - 1) is W - c positions before query 0 of
+    the block; query r sees it in the window when r < c <= r + W and linearly when c <= r.
+    Returns y (B, L, H, V) in dt and (hybrid) the state after the group.
     """
-    r = torch.arange(bq, device=device)[:, None]
-    c = torch.arange(bq + W - 1, device=device)[None, :]
-    band = (c >= r) & (c <= r + W - 1)  # (bq, Lk)
-    start = (torch.arange(b0, b0 + nb, device=device) * bq - (W - 1))[:, None, None]
-    return band & (start + c >= 0)
-
-
-def _group(qg, kg, vg, gamma, b0: int, W: int, bq: int, scale: float):
-    """One group of query blocks. qg: (B, nb * bq, H, K); kg, vg: their key bands.
-
-    gamma None: softmax output (B, nb * bq, H, V). Else the hybrid's window numerator and
-    denominator [num, den] (B, nb * bq, H, V + 1), both scaled by gamma_h exp(-m_i).
-    """
-    B, Lq, H, K = qg.shape
-    nb, Lk = Lq // bq, bq + W - 1
-    kb = kg.unfold(1, Lk, bq)  # (B, nb, H, K, Lk)
-    vb = vg.unfold(1, Lk, bq)  # (B, nb, H, V, Lk)
-    s = torch.einsum("bnrhk,bnhkc->bnhrc", qg.reshape(B, nb, bq, H, K) * scale, kb)
-    s = s.masked_fill(~_band_mask(b0, nb, bq, W, qg.device)[None, :, None], float("-inf"))
-    if gamma is None:
+    B, L, H, K = q.shape
+    V = v.shape[-1]
+    nb = -(-L // bq)
+    front, back = W - lead, nb * bq - L
+    qb = F.pad(q.to(dt), (0, 0, 0, 0, 0, back)).view(B, nb, bq, H, K)
+    kb, vb = _blocks(k.to(dt), front, back, bq, W), _blocks(v.to(dt), front, back, bq, W)
+    s = torch.einsum("bnrhk,bnhkc->bnhrc", qb * scale, kb)  # (B, nb, H, bq, bq + W)
+    r = torch.arange(bq, device=q.device)[:, None]
+    c = torch.arange(bq + W, device=q.device)[None, :]
+    real = torch.arange(nb, device=q.device)[:, None] * bq + c >= front  # (nb, bq + W)
+    win = (c > r) & (c <= r + W) & real[:, None]  # (nb, bq, bq + W)
+    s = s.masked_fill(~win[None, :, None], float("-inf"))
+    if fq is None:
         o = torch.einsum("bnhrc,bnhvc->bnrhv", s.softmax(-1), vb)
-        return o.reshape(B, Lq, H, -1)
-    e = torch.exp(s - s.amax(-1, keepdim=True)) * gamma[:, None, None]  # (B, nb, H, bq, Lk)
-    num = torch.einsum("bnhrc,bnhvc->bnrhv", e, vb)
-    den = e.sum(-1).permute(0, 1, 3, 2)[..., None]  # (B, nb, bq, H, 1)
-    return torch.cat([num, den], -1).reshape(B, Lq, H, -1)
+        return o.reshape(B, nb * bq, H, V)[:, :L], None
+    Fd = fq.shape[-1]
+    fqb = F.pad(fq.to(dt), (0, 0, 0, 0, 0, back)).view(B, nb, bq, H, Fd)
+    fk_p = F.pad(fk.to(dt), (0, 0, 0, 0, front, back))  # (B, W + nb * bq, H, F)
+    a_lin = torch.einsum("bnrhf,bnhfc->bnhrc", fqb, fk_p.unfold(1, bq + W, bq)) * (c <= r)
+    a = torch.exp(s - s.amax(-1, keepdim=True)) * gamma.to(dt)[:, None, None] + a_lin
+    num = torch.einsum("bnhrc,bnhvc->bnrhv", a, vb)  # (B, nb, bq, H, V)
+    den = a.sum(-1).transpose(2, 3)[..., None]  # (B, nb, bq, H, 1)
+    # keys older than each band: block b adds its band's first bq keys for the next block
+    v1 = augment_ones(F.pad(v.to(dt), (0, 0, 0, 0, front, back))[:, :nb * bq])
+    ds = torch.einsum("bnchf,bnchv->bnhfv", fk_p[:, :nb * bq].view(B, nb, bq, H, Fd),
+                      v1.view(B, nb, bq, H, V + 1))  # (B, nb, H, F, V + 1)
+    ends = S[:, None] + ds.cumsum(1)  # state after each block
+    starts = torch.cat([S[:, None], ends[:, :-1]], 1)
+    inter = torch.einsum("bnrhf,bnhfv->bnrhv", fqb, starts)  # (B, nb, bq, H, V + 1)
+    y = (num + inter[..., :V]) / (den + inter[..., V:] + eps)
+    return y.reshape(B, nb * bq, H, V)[:, :L], ends[:, -1]
 
 
-def _windowed(q, k, v, gamma, window: int, scale: float, block: int):
-    """Run `_group` over all query blocks; q, k, v already in the compute dtype."""
+def _run(q, k, v, fq, fk, gamma, *, window, scale, block, eps=0.0):
     B, T, H, K = q.shape
     if T == 0:
-        return v.new_zeros(B, 0, H, v.shape[-1] + (gamma is not None))
+        return v.new_zeros(v.shape)
     W, bq = min(int(window), T), int(block)
-    nb_all = -(-T // bq)
-    qp = F.pad(q, (0, 0, 0, 0, 0, nb_all * bq - T))
-    kp = F.pad(k, (0, 0, 0, 0, W - 1, nb_all * bq - T))  # block b's keys start at b * bq
-    vp = F.pad(v, (0, 0, 0, 0, W - 1, nb_all * bq - T))
-    per = max(1, GROUP_SCORE_ELEMENTS // (B * H * bq * (bq + W - 1)))
-    ckpt = torch.is_grad_enabled() and nb_all > per and any(
-        t is not None and t.requires_grad for t in (q, k, v, gamma))
-    outs = []
-    for b0 in range(0, nb_all, per):
-        nb = min(per, nb_all - b0)
-        args = (qp[:, b0 * bq:(b0 + nb) * bq], kp[:, b0 * bq:(b0 + nb) * bq + W - 1],
-                vp[:, b0 * bq:(b0 + nb) * bq + W - 1], gamma, b0, W, bq, scale)
-        outs.append(checkpoint(_group, *args, use_reentrant=False) if ckpt else _group(*args))
-    return torch.cat(outs, 1)[:, :T]
+    dt = acc_dtype(q)
+    fn = functools.partial(_group, W=W, bq=bq, scale=scale, eps=eps, dt=dt)
+    s0 = None if fq is None else q.new_zeros(B, H, fq.shape[-1], v.shape[-1] + 1, dtype=dt)
+    return streamed(fn, q, k, v, fq, fk, gamma, s0, window=W, group=group_tokens(B, H, bq, W))
 
 
 def sliding_window_attention_chunked(q, k, v, *, window=64, scale=None, block=64,
@@ -99,14 +109,12 @@ def sliding_window_attention_chunked(q, k, v, *, window=64, scale=None, block=64
     """
     check_positive(window=window, block=block)
     check_shapes(q, k, v)
-    dt = acc_dtype(q)
-    scale = default_scale(q, scale)
-    o = _windowed(q.to(dt), k.to(dt), v.to(dt), None, window, scale, block).to(v.dtype)
+    o = _run(q, k, v, None, None, None, window=window, scale=default_scale(q, scale), block=block)
     return (o, window_cache(k, v, window)) if output_final_state else o
 
 
 def window_linear_attention_chunked(q, k, v, fq, fk, *, window=64, gamma, scale=None, eps=1e-6,
-                                    output_final_state=False, block=64, chunk_size=64):
+                                    output_final_state=False, block=64):
     """LoLCATs hybrid; same contract as
     linbench.kernels.window.reference.window_linear_attention_ref (returns y).
 
@@ -117,22 +125,6 @@ def window_linear_attention_chunked(q, k, v, fq, fk, *, window=64, gamma, scale=
     check_positive(window=window, block=block)
     check_shapes(q, k, v)
     check_features(q, fq, fk)
-    dt = acc_dtype(q)
-    scale = default_scale(q, scale)
-    B, T, H, V = v.shape
-    vf = v.to(dt)
-    nd = _windowed(q.to(dt), k.to(dt), vf, gamma.to(dt), window, scale, block)  # (B, T, H, V + 1)
-    kv = fk.new_zeros(B, H, fk.shape[-1], V + 1, dtype=torch.float32)
-    if T > window:  # keys j <= i - window: causal linear attention on inputs shifted by window
-        shift = (0, 0, 0, 0, window, 0)
-        v1 = augment_ones(vf)  # (B, T, H, V + 1)
-        lin, kv = linear_attention_chunked(
-            fq.to(dt), F.pad(fk.to(dt), shift)[:, :T], F.pad(v1, shift)[:, :T], scale=1.0,
-            output_final_state=output_final_state, chunk_size=chunk_size)
-        nd = nd + lin
-    y = (nd[..., :V] / (nd[..., V:] + eps)).to(v.dtype)
-    if not output_final_state:
-        return y
-    old = max(T - window, 0)
-    return y, WindowState(kv, k[:, old:], v[:, old:], fk[:, old:])
-
+    y = _run(q, k, v, fq, fk, gamma, window=window, scale=default_scale(q, scale), block=block,
+             eps=eps)
+    return (y, window_state(k, v, fk, window)) if output_final_state else y

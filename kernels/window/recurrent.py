@@ -39,13 +39,18 @@ def window_cache(k, v, window=64) -> WindowCache:
     return WindowCache(k[:, -window:], v[:, -window:])
 
 
-def window_state(k, v, fk, window=64) -> WindowState:
-    """Hybrid decode state after a prefill, computed directly in O(T) (any backend)."""
+def window_state(k, v, fk, window=64, chunk=1 << 14) -> WindowState:
+    """Hybrid decode state after a prefill, computed directly in O(T) (any backend), `chunk`
+    tokens at a time (no whole-sequence copy in the compute dtype)."""
     dt = acc_dtype(v)
-    old = max(v.shape[1] - window, 0)  # tokens already out of the window
-    v1 = augment_ones(v[:, :old].to(dt))  # (B, old, H, V + 1)
-    kv = torch.einsum("bthf,bthv->bhfv", fk[:, :old].to(dt), v1).float()
-    return WindowState(kv, k[:, old:], v[:, old:], fk[:, old:])
+    B, T, H, V = v.shape
+    old = max(T - window, 0)  # tokens already out of the window
+    kv = fk.new_zeros(B, H, fk.shape[-1], V + 1, dtype=dt)
+    for t0 in range(0, old, chunk):
+        sl = slice(t0, min(old, t0 + chunk))
+        v1 = augment_ones(v[:, sl].to(dt))  # (B, n, H, V + 1)
+        kv = kv + torch.einsum("bthf,bthv->bhfv", fk[:, sl].to(dt), v1)
+    return WindowState(kv.float(), k[:, old:], v[:, old:], fk[:, old:])
 
 
 def _append(cache, x, window):

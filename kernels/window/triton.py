@@ -8,9 +8,13 @@ recomputes the probabilities from `lse` in two kernels (FlashAttention-2, arXiv
 dk, dv. Work O(T * window), extra memory O(T).
 
 `window_linear_attention` (LoLCATs, arXiv 2410.10254) composes that kernel with a causal
-linear attention: see its docstring for which code path runs the linear branch.
+linear attention, group by group over the sequence (linbench.kernels.window.stream: peak
+memory inputs + output + one group): see its docstring for which code path runs the
+linear branch.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -20,9 +24,13 @@ import triton.language as tl
 from linbench.kernels.common import augment_ones, check_positive, check_shapes, default_scale
 from linbench.kernels.triton_common import INTERPRET, mm, pow2, tile
 from linbench.kernels.window.chunked import check_features
+from linbench.kernels.window.stream import streamed
 
 # Fixed launch config (no autotuner: it does not run under the CPU interpreter).
 _BLOCK_M, _BLOCK_N = (32, 32) if INTERPRET else (64, 64)
+# Token-heads (B * H * tokens) per group of the hybrid's streamed form: its fp32 group
+# intermediates are ~10 x this x the head dim x 4 bytes (5 GB at 2^20 and D = 128).
+GROUP_TOKEN_HEADS = 1 << 20
 
 
 def _num_warps(dk: int, dv: int) -> int:
@@ -235,8 +243,8 @@ def sliding_window_attention(q, k, v, *, window=64, scale=None, _blocks=None):
 
 
 def _linear_impl(name: str):
-    """Causal linear attention `fn(fq, fk, v_aug) -> o`: "triton" or "chunked", or None
-    when that module does not import."""
+    """Causal linear attention `fn(fq, fk, v_aug, s0) -> (o, final state)`: "triton" or
+    "chunked", or None when that module does not import."""
     try:
         if name == "triton":
             from linbench.kernels.linear.triton import linear_attention as fn
@@ -244,49 +252,71 @@ def _linear_impl(name: str):
             from linbench.kernels.linear.chunked import linear_attention_chunked as fn
     except ImportError:
         return None
-    return lambda fq, fk, v: fn(fq, fk, v, decay=None, normalize=False, scale=1.0)[0]
+    return lambda fq, fk, v, s0: fn(fq, fk, v, decay=None, normalize=False, scale=1.0,
+                                    initial_state=s0, output_final_state=True)
 
 
-def _causal_linear(fq, fk, v_aug, prefer=("triton", "chunked")):
-    """sum_{j <= i} (fq_i . fk_j) v_aug_j with the first importable implementation."""
+def _causal_linear(fq, fk, v_aug, s0, prefer=("triton", "chunked")):
+    """(sum_{j <= i} (fq_i . fk_j) v_aug_j + fq_i S0, S_final) with the first importable
+    implementation."""
     for name in prefer:
         fn = _linear_impl(name)
         if fn is not None:
-            return fn(fq, fk, v_aug)
+            return fn(fq, fk, v_aug, s0)
     raise ImportError(f"no linear attention implementation among {prefer}")
 
 
+def _hybrid_group(q, k, v, fq, fk, gamma, S, lead, *, window, scale, eps, blocks, linear):
+    """One group of the hybrid (linbench.kernels.window.stream): queries q, fq (B, L, H, .),
+    keys k, v, fk (B, lead + L, H, .) starting `lead` tokens before them; S (B, H, F, V + 1)
+    fp32 sums fk_j [v_j, 1] over keys j < s - window (s: the group's first query).
+
+    Window: the band kernel over the keys, the queries zero-padded in front to line up
+    (the `lead` padded rows are computed and dropped). Linear: keys shifted by `window`.
+    """
+    L, DV = q.shape[1], v.shape[-1]
+    q_ext = F.pad(q, (0, 0, 0, 0, lead, 0))
+    o_w, lse, m = _SlidingWindow.apply(q_ext, k, v, window, scale, torch.float32, blocks)
+    o_w = o_w[:, lead:]  # (B, L, H, V)
+    e = torch.exp(lse - m).transpose(1, 2)[:, lead:, :, None]  # window sum of exp(s - m)
+    g_w = gamma.float()[None, None, :, None] * e
+    num, den = g_w * o_w, g_w
+    if lead + L > window:  # the group's queries reach keys before their window
+        shift = (0, 0, 0, 0, window - lead, 0)  # key i - window for query i
+        fk_s = F.pad(fk.float(), shift)[:, :L]
+        v_s = F.pad(augment_ones(v.float()), shift)[:, :L]
+        lin, S = _causal_linear(fq.float().contiguous(), fk_s.contiguous(), v_s.contiguous(),
+                                S, linear)
+        num, den = num + lin[..., :DV].float(), den + lin[..., DV:].float()
+    return num / (den + eps), S
+
+
 def window_linear_attention(q, k, v, fq, fk, *, window=64, gamma, scale=None, eps=1e-6,
-                            _blocks=None, _linear=("triton", "chunked")):
+                            _blocks=None, _linear=("triton", "chunked"), _group=None):
     """LoLCATs sliding-window + linear hybrid (arXiv 2410.10254), one shared normalizer:
     a_ij = gamma_h exp(scale q_i.k_j - m_i) on the last `window` keys, fq_i.fk_j on older
     keys; y_i = sum_j a_ij v_j / (sum_j a_ij + eps), m_i the window max (not detached).
 
-    Window branch: the Triton kernel above returns o_w (fp32), lse and m, so the window's
+    Streamed over groups of queries (linbench.kernels.window.stream; about
+    GROUP_TOKEN_HEADS token-heads each, `_group` tokens when given): per group, window
+    branch: the Triton kernel above returns o_w (fp32), lse and m, so the window's
     numerator is gamma e o_w and its denominator gamma e, with e = exp(lse - m).
     Linear branch: keys j <= i - window equal causal linear attention of fq against fk
-    and [v, 1] shifted right by `window` (zero padded), computed in fp32 by
-    `linbench.kernels.linear.triton.linear_attention(normalize=False, scale=1)` when that
-    module imports, else by `linbench.kernels.linear.chunked.linear_attention_chunked` (torch);
-    `_linear` names the order tried. Gradients of q, k, v, fq, fk and gamma flow through
-    torch autograd around the two kernels.
+    and [v, 1] shifted right by `window`, from the state of the keys before the group,
+    computed in fp32 by `linbench.kernels.linear.triton.linear_attention(normalize=False,
+    scale=1)` when that module imports, else by
+    `linbench.kernels.linear.chunked.linear_attention_chunked` (torch); `_linear` names the
+    order tried. Gradients: each group recomputed in backward, through torch autograd
+    around the two kernels.
     """
     check_positive(window=window)
     check_shapes(q, k, v)
     check_features(q, fq, fk)
     scale = default_scale(q, scale)
     B, T, H, DV = v.shape
-    o_w, lse, m = _SlidingWindow.apply(q, k, v, window, scale, torch.float32,
-                                       _blocks or (_BLOCK_M, _BLOCK_N))  # (B,T,H,V), (B,H,T)
-    e = torch.exp(lse - m).transpose(1, 2)[..., None]  # (B, T, H, 1) window sum of exp(s - m)
-    g_w = gamma.float()[None, None, :, None] * e
-    num, den = g_w * o_w, g_w
-    if T > window:
-        v_aug = augment_ones(v.float())
-        shift = (0, 0, 0, 0, window, 0)  # pad `window` zeros in front of the T axis
-        fk_s = F.pad(fk.float(), shift)[:, :T]
-        v_s = F.pad(v_aug, shift)[:, :T]
-        lin = _causal_linear(fq.float().contiguous(), fk_s.contiguous(), v_s.contiguous(),
-                             _linear)
-        num, den = num + lin[..., :DV].float(), den + lin[..., DV:].float()
-    return (num / (den + eps)).to(v.dtype)
+    W = max(1, min(int(window), T))
+    group = _group or max(1, GROUP_TOKEN_HEADS // (B * H))
+    fn = functools.partial(_hybrid_group, window=W, scale=scale, eps=eps,
+                           blocks=_blocks or (_BLOCK_M, _BLOCK_N), linear=_linear)
+    s0 = q.new_zeros(B, H, fq.shape[-1], DV + 1, dtype=torch.float32)
+    return streamed(fn, q, k, v, fq, fk, gamma, s0, window=W, group=group)

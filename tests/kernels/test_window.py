@@ -69,7 +69,7 @@ def test_chunked_hybrid_matches_reference(kit, shape, dtype, window, block):
         return lambda q, k, v, fq, fk, gamma: fn(q, kit.heads(k, shape), kit.heads(v, shape), fq, fk,
                                                  window=window, gamma=gamma, **kw)
 
-    kit.compare(run(window_linear_attention_chunked, block=block, chunk_size=shape.C),
+    kit.compare(run(window_linear_attention_chunked, block=block),
                 run(window_linear_attention_ref), [q, k, v, fq, fk, gamma],
                 ["q", "k", "v", "fq", "fk", "gamma"], ["y"], floors={"gamma": 1.0})
 
@@ -81,7 +81,7 @@ def test_chunked_hybrid_final_state(kit, T):
     q, k, v = kit.qkv(shape, torch.float64)
     fq, fk, gamma = _features(shape, torch.float64)
     y, state = window_linear_attention_chunked(q, k, v, fq, fk, window=window, gamma=gamma,
-                                               output_final_state=True, chunk_size=8)
+                                               output_final_state=True, block=8)
     assert isinstance(state, WindowState)
     kit.close(y, window_linear_attention_ref(q, k, v, fq, fk, window=window, gamma=gamma), "y")
     old = max(T - window, 0)
@@ -105,8 +105,7 @@ def test_chunked_many_groups_checkpointed(kit, monkeypatch):
     kit.compare(lambda q, k, v: sliding_window_attention_chunked(q, k, v, window=12, block=8),
                 lambda q, k, v: sliding_window_attention_ref(q, k, v, window=12),
                 [q, k, v], ["q", "k", "v"], ["o"])
-    kit.compare(lambda *a: window_linear_attention_chunked(*a[:5], window=12, gamma=a[5], block=8,
-                                                          chunk_size=16),
+    kit.compare(lambda *a: window_linear_attention_chunked(*a[:5], window=12, gamma=a[5], block=8),
                 lambda *a: window_linear_attention_ref(*a[:5], window=12, gamma=a[5]),
                 [q, k, v, fq, fk, gamma], ["q", "k", "v", "fq", "fk", "gamma"], ["y"])
 
