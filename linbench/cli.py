@@ -74,8 +74,11 @@ def _budget(ctx, param, value: str) -> str:
                    "(repeatable). Such runs are stored as method[field=value].")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch CPU threads (default: torch's). 1 is much faster when the CPU is shared.")
+@click.option("--prefix-reuse/--no-prefix-reuse", default=True, show_default=True,
+              help="lm-eval suites: compute a prompt prefix shared by several requests once "
+                   "(same scores; --no-prefix-reuse runs lm-eval's plain path).")
 def run(model, revision, methods, suites, limit, batch_size, dtype, device, seed, results_dir,
-        force, quiet, budget, data, checkpoints, settings, threads):
+        force, quiet, budget, data, checkpoints, settings, threads, prefix_reuse):
     """Linearize MODEL with each method, recover it, and run each suite."""
     from linbench import overrides
     from linbench.report import build as report
@@ -90,7 +93,7 @@ def run(model, revision, methods, suites, limit, batch_size, dtype, device, seed
     batch_size = batch_size or (8 if device.startswith("cuda") else 1)
     from linbench.suites.base import RunContext
     ctx = RunContext(limit=limit, batch_size=batch_size, seed=seed, device=device, dtype=dtype,
-                     progress=not quiet)
+                     progress=not quiet, prefix_reuse=prefix_reuse)
     plan = runner.RunPlan(model, methods, suites, ctx, results_dir, revision, force,
                           budget=budget, data=data, checkpoints=checkpoints, overrides=chosen)
     records = runner.run(plan, echo=lambda s: click.echo(s, err=True))

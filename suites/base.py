@@ -76,6 +76,7 @@ class RunContext:
     dtype: str = "float32"
     progress: bool = True
     work_dir: str | None = None     # scratch space private to this (model, method) run
+    prefix_reuse: bool = True       # lm-eval suites: compute shared prompt prefixes once
 
 
 class Suite:

@@ -145,22 +145,19 @@ def quiet() -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
-def make_lm(model, tokenizer, batch_size: int, progress: bool = True):
+def make_lm(model, tokenizer, batch_size: int, progress: bool = True, prefix_reuse: bool = True):
     """An lm-eval HFLM around an already-built model object and tokenizer object.
 
     progress: show HFLM's "Running loglikelihood requests" bar (one bar for the run).
+    prefix_reuse: compute each prompt prefix shared by several requests once and continue
+    every request from a copy of its cache (suites/prefix.py); False: HFLM's own path.
 
     HFLM calls `model.eval()` and `model.tie_weights()`, and gives the tokenizer a pad
     token if it has none (SmolLM2's has one).
     """
-    from lm_eval.models.huggingface import HFLM
-
-    class _HFLM(HFLM):
-        # evaluator.evaluate() calls lm.loglikelihood(requests) without disable_tqdm.
-        def loglikelihood(self, requests, disable_tqdm: bool = False):
-            return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not progress)
-
-    return _HFLM(pretrained=model, tokenizer=tokenizer, batch_size=int(batch_size))
+    from linbench.suites.prefix import PrefixReuseLM
+    return PrefixReuseLM(pretrained=model, tokenizer=tokenizer, batch_size=int(batch_size),
+                         prefix_reuse=prefix_reuse, progress=progress)
 
 
 def load_tasks(include_path: Path, names: list[str]) -> dict:
@@ -209,7 +206,8 @@ def score(model, tokenizer, ctx, name: str, prepare: Callable) -> tuple[dict, di
     planned row."""
     with scratch(ctx, name) as root, offline(), quiet():
         plan = prepare(root, ctx)
-        lm = make_lm(model, tokenizer, ctx.batch_size, progress=ctx.progress)
+        lm = make_lm(model, tokenizer, ctx.batch_size, progress=ctx.progress,
+                     prefix_reuse=getattr(ctx, "prefix_reuse", True))
         samples = evaluate_samples(lm, load_tasks(root / "tasks", list(plan)))
     ordered = {}
     for task, (label, rows) in plan.items():
