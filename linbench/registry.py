@@ -20,6 +20,7 @@ BUILTIN = {
         "liger": "linbench.methods.liger:Liger",
         "gla": "linbench.methods.gla:GLA",
         "deltanet": "linbench.methods.deltanet:DeltaNet",
+        "gated_deltanet": "linbench.methods.gated_deltanet:GatedDeltaNet",
         "lightning": "linbench.methods.lightning:Lightning",
     },
     "suites": {

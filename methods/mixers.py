@@ -4,14 +4,70 @@ A mixer is called as `mixer(h: Heads, state, want_state) -> (o, state)`, o (B, T
 `state=None` starts a sequence (prefill, chunked kernels); with a state and one token it
 takes the kernel's decode step, so parallel and token-by-token forms agree. Every mixer
 knows its exact-attention `window` (0: none) and its state size in bytes.
+
+Long sequences stream (methods/README.md, "Streaming (long context)"): the recurrent
+mixers (LinearMix, GatedMix, DeltaMix) run segments of about STREAM_TOKEN_HEADS
+token-heads one after another, the state carried between them (exact: the same
+recurrence), each segment checkpointed when a gradient is needed; so feature maps, gates
+and the kernels' compute-dtype copies exist for one segment at a time. The window mixers
+stream inside their kernels (linbench.kernels.window); HybridWindow's feature maps and
+MixSum's weighted sum are computed segment by segment into one output.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from linbench import kernels as K
+
+# Token-heads (B * H * tokens) per segment of a streamed mixer (1M = 128k tokens at B1 H8).
+STREAM_TOKEN_HEADS = 1 << 20
+
+
+def _segment_len(x) -> int:
+    """Tokens per segment for (B, T, H, ...) inputs."""
+    return max(1, STREAM_TOKEN_HEADS // (x.shape[0] * x.shape[2]))
+
+
+def _stream(run, h, state, want_state):
+    """run(h, state, want_state) -> (o, state) over segments of h, the state carried; one
+    call when h is one segment. Under autograd each segment is checkpointed (its
+    intermediates are recomputed in backward), so only the segments' inputs and outputs
+    and the carried states are kept."""
+    T, seg = h.q.shape[1], _segment_len(h.q)
+    if T <= seg:
+        return run(h, state, want_state)
+    out = None
+    for t0 in range(0, T, seg):
+        part = dataclasses.replace(h, **{f.name: getattr(h, f.name)[:, t0:t0 + seg]
+                                         for f in dataclasses.fields(h)})
+        if torch.is_grad_enabled():
+            o, state = checkpoint(run, part, state, True, use_reentrant=False)
+        else:
+            o, state = run(part, state, True)
+        if out is None:
+            out = o.new_empty(o.shape[0], T, *o.shape[2:])
+        out[:, t0:t0 + seg] = o
+    return out, (state if want_state else None)
+
+
+def _map(fn, *xs):
+    """fn(*xs) for a per-token map fn of (B, T, H, ...) tensors, computed segment by segment
+    into one output (no whole-sequence intermediate of fn)."""
+    T, seg = xs[0].shape[1], _segment_len(xs[0])
+    if T <= seg:
+        return fn(*xs)
+    out = None
+    for t0 in range(0, T, seg):
+        y = fn(*(x[:, t0:t0 + seg] for x in xs))
+        if out is None:
+            out = y.new_empty(y.shape[0], T, *y.shape[2:])
+        out[:, t0:t0 + seg] = y
+    return out
 
 
 def _steps(step, h, state):
@@ -39,6 +95,9 @@ class LinearMix(nn.Module):
         return self.fq(h.q), self.fk(h.k)
 
     def forward(self, h, state, want_state):
+        return _stream(self._run, h, state, want_state)
+
+    def _run(self, h, state, want_state):
         fq, fk = self.features(h)
         kw = dict(decay=self.log_decay, normalize=self.normalize, scale=self.scale)
         if state is not None and fq.shape[1] == 1:
@@ -117,6 +176,9 @@ class GatedMix(nn.Module):
         self.pre_rope, self.scale, self.backend = pre_rope, scale, backend
 
     def forward(self, h, state, want_state):
+        return _stream(self._run, h, state, want_state)
+
+    def _run(self, h, state, want_state):
         q, k = (h.q0, h.k0) if self.pre_rope else (h.q, h.k)
         q, k, g = self.fq(q), self.fk(k), self.gate(h)
         if state is not None and q.shape[1] == 1:
@@ -144,6 +206,9 @@ class DeltaMix(nn.Module):
         nn.init.zeros_(self.beta.bias)  # the paper's zero-initialized bias
 
     def forward(self, h, state, want_state):
+        return _stream(self._run, h, state, want_state)
+
+    def _run(self, h, state, want_state):
         q, k = self.fq(h.q), self.fk(h.k)
         beta = torch.sigmoid(self.beta(h.x).float())  # (B, T, H)
         if state is not None and q.shape[1] == 1:
@@ -199,7 +264,8 @@ class HybridWindow(nn.Module):
     def forward(self, h, state, want_state):
         if state is not None:
             return _steps(self._step, h, state)
-        out = K.window_linear_attention(h.q, h.k, h.v, self.fq(h.q), self.fk(h.k), window=self.window,
+        out = K.window_linear_attention(h.q, h.k, h.v, _map(self.fq, h.q), _map(self.fk, h.k),
+                                        window=self.window,
                                         gamma=torch.sigmoid(self.gamma_logit), scale=self.scale,
                                         output_final_state=want_state, backend=self.backend)
         return out if want_state else (out, None)
@@ -222,11 +288,52 @@ class MixSum(nn.Module):
 
     def forward(self, h, state, want_state):
         states = state if state is not None else (None,) * len(self.parts)
-        o, new = 0, []
-        for w, m, s in zip(self.weights_, self.parts, states):
+        outs, new = [], []
+        for m, s in zip(self.parts, states):
             oi, si = m(h, s, want_state)
-            o, new = o + w * oi.float(), new + [si]
-        return o.to(h.v.dtype), (tuple(new) if want_state else None)
+            outs, new = outs + [oi], new + [si]
+
+        def weighted(*xs):  # in fp32, cast to v's dtype
+            return sum(w * x.float() for w, x in zip(self.weights_, xs)).to(h.v.dtype)
+        return _map(weighted, *outs), (tuple(new) if want_state else None)
 
     def state_bytes(self, heads, head_dim, seqlen, elem):
         return sum(m.state_bytes(heads, head_dim, seqlen, elem) for m in self.parts)
+
+
+class GatedDeltaMix(DeltaMix):
+    """Gated DeltaNet (arXiv 2412.06464): S_t = a_t S_{t-1}(I - b_t k_t k_t^T) + b_t v_t k_t^T,
+    DeltaMix's recurrence with a new data-dependent decay per head, Mamba2's form
+    (arXiv 2405.21060): a_t = exp(g_t), g_t = -exp(A_log) softplus(W_a x_t + dt_bias).
+
+    Init (decay near 1, so the layer starts as DeltaMix with a slow forget): W_a = 0,
+    A_log = log(a_init), dt_bias = softplus^-1(dt_h) with dt_h log-spaced over the heads
+    from dt_min to dt_max, so every head starts at the constant a = exp(-a_init dt_h)
+    (0.905..0.999 with the defaults: memories of ~10 to ~1000 tokens)."""
+
+    def __init__(self, fq: nn.Module, fk: nn.Module, hidden: int, heads: int, *,
+                 dt_min: float = 1e-3, dt_max: float = 0.1, a_init: float = 1.0,
+                 scale: float | None = None, backend: str = "auto"):
+        super().__init__(fq, fk, hidden, heads, scale=scale, backend=backend)
+        self.decay = nn.Linear(hidden, heads, bias=False)  # W_a
+        nn.init.zeros_(self.decay.weight)
+        self.A_log = nn.Parameter(torch.full((heads,), float(a_init)).log())
+        dt = dt_min * (dt_max / dt_min) ** torch.linspace(0, 1, heads)  # (H,) log-spaced
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt
+
+    def log_decay(self, x):
+        """g = log a (B, T, H) <= 0, in fp32 (or x's dtype when wider)."""
+        dt = torch.promote_types(x.dtype, torch.float32)
+        pre = self.decay(x).to(dt) + self.dt_bias.to(dt)
+        return -torch.exp(self.A_log.to(dt)) * F.softplus(pre)
+
+    def forward(self, h, state, want_state):
+        q, k = self.fq(h.q), self.fk(h.k)
+        beta = torch.sigmoid(self.beta(h.x).to(torch.promote_types(h.x.dtype, torch.float32)))
+        g = self.log_decay(h.x)  # (B, T, H), like beta
+        if state is not None and q.shape[1] == 1:
+            o, state = K.delta_rule_step(q[:, 0], k[:, 0], h.v[:, 0], beta[:, 0], state,
+                                         g=g[:, 0], scale=self.scale)
+            return o[:, None], state
+        return K.delta_rule(q, k, h.v, beta, g=g, scale=self.scale, initial_state=state,
+                            output_final_state=want_state, backend=self.backend)

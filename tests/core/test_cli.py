@@ -29,7 +29,7 @@ def test_ls(invoke):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["run", "--methods", "nope", "--suite", "mmlu5"], "unknown method 'nope' (choose from: deltanet, gla, hedgehog, liger, "
+    (["run", "--methods", "nope", "--suite", "mmlu5"], "unknown method 'nope' (choose from: deltanet, gated_deltanet, gla, hedgehog, liger, "
                                                        "lightning, lolcats, softmax, swa)"),
     (["run", "--methods", "softmax", "--suite", "nope"], "unknown suite 'nope' (choose from: commonsense, mmlu5, mmlu_cloze, ppl, recall)"),
     (["run", "--methods", "softmax,,", "--suite", "mmlu5"], "empty name"),
