@@ -16,6 +16,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
+from linbench.errors import LinbenchError, one_of
 
 
 @dataclass
@@ -61,12 +62,24 @@ class Method:
         raise NotImplementedError
 
 
+# Recovery adapters (stage 2), all through peft: LoRA, and LoRA initialized by PiSSA
+# (arXiv 2404.02948), EVA (arXiv 2410.07170) or CorDA (arXiv 2406.05223); "bone" is peft's
+# MiSS, the successor of Bone (arXiv 2409.15371). linbench.recovery.adapters builds them.
+ADAPTERS = ("lora", "pissa", "eva", "corda", "bone")
+# keep_softmax_layers="auto:N" ranks layers by held-out attention-transfer MSE, "auto_kl:N"
+# by the KL of the next-token distribution with only that layer linearized.
+AUTO_CRITERIA = {"auto": "transfer_mse", "auto_kl": "kl"}
+
+
 @dataclass
 class LinearConfig(MethodConfig):
     """Fields shared by every linearized method. Recovery defaults are LoLCATs'
     (arXiv 2410.10254, sec. 4 / App. B); methods override what their paper changes."""
     softmax_every: int = 0                    # keep softmax in every n-th layer (Liger-H: 7)
-    keep_softmax_layers: tuple[int, ...] = ()  # ...or in these layer indices
+    # ...or in these layer indices; "auto:N" / "auto_kl:N" (alone or with indices): the N
+    # layers where linearizing hurts most, measured during recovery (methods/README.md,
+    # "Hybrid layer selection"; see `auto_softmax`)
+    keep_softmax_layers: tuple[int | str, ...] = ()
     backend: str = "auto"                      # kernel backend (linbench.kernels.BACKENDS)
     # init of the new parameters: "calibrated" (output norm matched to the teacher's per-head
     # channel RMS on a calibration batch of the recovery corpus; linbench's default, see
@@ -79,6 +92,7 @@ class LinearConfig(MethodConfig):
     transfer_weight: float = 1000.0            # LoLCATs: 1000 x mean-over-layers MSE
     # stage 2: LoRA through peft
     lora_r: int = 8                            # 0 = no LoRA stage
+    adapter: str = "lora"                      # one of ADAPTERS (methods/README.md, "Adapters")
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -86,6 +100,32 @@ class LinearConfig(MethodConfig):
     max_grad_norm: float = 1.0                 # applied for real (methods/README.md, "Recovery")
     seqlen: int = 1024                         # packed training sequence length
     weight_decay: float = 0.0
+
+    def __post_init__(self):
+        """Bad values of the fields parsed here fail at construction (one line, exit 2)."""
+        if isinstance(self.keep_softmax_layers, (str, int)):
+            self.keep_softmax_layers = (self.keep_softmax_layers,)
+        self.keep_softmax_layers = tuple(self.keep_softmax_layers)
+        auto_softmax(self)
+        if self.adapter not in ADAPTERS:
+            raise one_of("adapter", self.adapter, ADAPTERS)
+
+
+def auto_softmax(config) -> tuple[str, int] | None:
+    """(criterion, N) of an "auto:N" / "auto_kl:N" entry in config.keep_softmax_layers, or
+    None. Raises LinbenchError (one line) on anything but layer indices and one such entry."""
+    found = None
+    for item in config.keep_softmax_layers:
+        if isinstance(item, int) and not isinstance(item, bool):
+            continue
+        kind, _, n = str(item).partition(":")
+        n = n.strip()
+        if kind not in AUTO_CRITERIA or not (n.isascii() and n.isdigit()) or found is not None:
+            raise LinbenchError(
+                f"keep_softmax_layers: bad entry {item!r}; valid: layer indices like 0,5, and "
+                f"at most one of auto:N or auto_kl:N with N a whole number >= 0")
+        found = (AUTO_CRITERIA[kind], int(n))
+    return found
 
 
 class LinearMethod(Method):
@@ -97,10 +137,17 @@ class LinearMethod(Method):
         raise NotImplementedError
 
     def softmax_layers(self, layers: int) -> set[int]:
+        """The layers linearize keeps as softmax. An "auto:N" entry adds none here: its N
+        layers are chosen and reverted during recovery (linbench.recovery.select)."""
         c = self.config
-        keep = {i for i in c.keep_softmax_layers if 0 <= i < layers}
+        keep = {i for i in c.keep_softmax_layers if isinstance(i, int) and 0 <= i < layers}
         if c.softmax_every:
             keep |= {i for i in range(layers) if i % c.softmax_every == c.softmax_every - 1}
+        auto = auto_softmax(c)
+        if auto is not None and auto[1] > layers - len(keep):
+            raise LinbenchError(
+                f"keep_softmax_layers: {auto[1]} auto-selected layers requested but the model "
+                f"has only {layers - len(keep)} linearized layers to choose from")
         return keep
 
     def linearize(self, model):

@@ -36,6 +36,7 @@ def swap_attention(model, method):
         ref = base.q_proj.weight
         mixer = method.build_mixer(heads, head_dim, cfg.hidden_size, i, len(layers))
         new = LinearizedAttention(base, mixer, norm=method.norm, output_gate=method.output_gate)
+        new.softmax_cls = type(base)  # what restore_softmax puts back
         for p in new.new_parameters():  # new parameters follow the model's device and dtype
             p.data = p.data.to(device=ref.device, dtype=ref.dtype)
         new.to(device=ref.device)
@@ -43,6 +44,38 @@ def swap_attention(model, method):
     cfg.linbench = {"method": method.name, "config": method.config_dict(),
                     "window": method.window(), "softmax_layers": sorted(keep)}
     return model
+
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def softmax_twin(lin: LinearizedAttention) -> nn.Module:
+    """The model's own softmax attention that `lin` replaced, rebuilt around lin's
+    pretrained projections (the same modules, shared, not copied)."""
+    with torch.device("meta"):
+        attn = lin.softmax_cls(lin.config, lin.layer_idx)
+    for name in PROJECTIONS:
+        setattr(attn, name, getattr(lin, name))
+    left = [n for n, t in [*attn.named_parameters(), *attn.named_buffers()] if t.is_meta]
+    if left:
+        raise ValueError(f"cannot restore {lin.softmax_cls.__name__}: it has tensors besides "
+                         f"{', '.join(PROJECTIONS)} ({', '.join(left)})")
+    return attn.train(lin.training)
+
+
+def restore_softmax(model, indices) -> None:
+    """Put softmax attention back in the decoder layers `indices` (inverse of
+    swap_attention there). The model's config then records them as kept layers, so a
+    saved model reloads (methods.io) with exactly these layers softmax."""
+    layers = decoder_layers(model)
+    for i in indices:
+        if isinstance(layers[i].self_attn, LinearizedAttention):
+            layers[i].self_attn = softmax_twin(layers[i].self_attn)
+    rec = model.config.linbench
+    fixed = [i for i in rec["config"]["keep_softmax_layers"] if isinstance(i, int)]
+    model.config.linbench = {
+        **rec, "softmax_layers": sorted(set(rec["softmax_layers"]) | set(indices)),
+        "config": {**rec["config"], "keep_softmax_layers": tuple(sorted(set(fixed) | set(indices)))}}
 
 
 def new_parameters(model) -> list[nn.Parameter]:
@@ -85,5 +118,5 @@ def is_linearized(model) -> bool:
     return hasattr(model.config, "linbench")
 
 
-__all__ = ["swap_attention", "new_parameters", "state_bytes", "MixerModule", "is_linearized",
-           "SUPPORTED", "torch"]
+__all__ = ["swap_attention", "restore_softmax", "softmax_twin", "new_parameters", "state_bytes",
+           "MixerModule", "is_linearized", "SUPPORTED", "torch"]

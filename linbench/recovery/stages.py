@@ -25,12 +25,11 @@ import contextlib
 import math
 import os
 import shutil
-import warnings
 from pathlib import Path
 
 import torch
 
-from linbench.recovery import budget as budgets
+from linbench.recovery import adapters, budget as budgets
 from linbench.assets import manifest
 from linbench.recovery.train import Objective, Plan, evaluate, fit
 
@@ -78,7 +77,7 @@ def recover(method, model, data, budget, *, seed: int = 0, progress: bool = Fals
     def tensors():
         if not cache:
             rows = max(budget.steps(s, seqlen) for s in STAGES) * budget.batch_size
-            if calibrating:  # calibration rows too
+            if calibrating or getattr(cfg, "adapter", "lora") in adapters.CALIBRATING:  # their rows too
                 rows = max(rows, -(-cfg.calibration_tokens // seqlen))
             cache["val"] = corpus.packed("val", max(1, budget.val_tokens // seqlen))
             cache["train"] = corpus.packed("train", max(rows, 1))
@@ -115,7 +114,12 @@ def recover(method, model, data, budget, *, seed: int = 0, progress: bool = Fals
                     on_step=on_step, state_path=ckpt / f"{name}.state.pt" if ckpt else None)
         echo(f"recovery: stage {name}, {plan.steps} steps of {budget.batch_size} x {seqlen} tokens")
         run = _transfer if name == "transfer" else _lora
+        chosen = _select(method, model, tensors()[1], plan, echo) if name == "lora" else None
         model, stage = run(cfg, model, *tensors(), plan)
+        if name == "transfer":  # auto:N hybrid selection after stage 1 (before LoRA if none)
+            chosen = _select(method, model, tensors()[1], plan, echo)
+        if chosen:
+            stage["layer_selection"] = chosen
         if stage["kept_initial"]:
             echo(f"recovery: WARNING stage {name} kept its initial weights: no validation "
                  f"loss in its {stage['steps']} steps beat the starting one, so they were "
@@ -127,6 +131,21 @@ def recover(method, model, data, budget, *, seed: int = 0, progress: bool = Fals
             (ckpt / f"{name}.state.pt").unlink(missing_ok=True)
     model.config.linbench = {**model.config.linbench, "recovery": stages}
     return model.eval()
+
+
+def _select(method, model, val, plan: Plan, echo) -> dict | None:
+    """keep_softmax_layers="auto:N": revert the N layers measured worst to softmax, once
+    (linbench.recovery.select); the choice and the held-out ppl after it, for the record."""
+    from linbench.recovery import select
+    auto = select.pending(method, model)
+    if auto is None:
+        return None
+    info = select.select(model, *auto, val, plan.micro)
+    info["ppl_after"] = _ppl(model, val, plan)
+    model.config.linbench = {**model.config.linbench, "layer_selection": info}
+    echo(f"recovery: {info['spec']} kept layers {info['kept_softmax']} as softmax "
+         f"({info['criterion']}, held-out ppl {info['ppl_after']})")
+    return info
 
 
 def _claim(ckpt: Path, meta: dict) -> None:
@@ -227,17 +246,13 @@ def _transfer(cfg, model, train, val, plan: Plan):
 
 
 def _lora(cfg, model, train, val, plan: Plan):
-    """Stage 2: LoRA through peft on next-token cross-entropy, then merged."""
-    from peft import LoraConfig, get_peft_model
+    """Stage 2: cfg.adapter (LoRA by default; linbench.recovery.adapters) through peft on
+    next-token cross-entropy, then merged."""
     torch.manual_seed(plan.seed)
     flags = {id(p): p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
-    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=list(cfg.lora_targets), bias="none")
-    with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5
-        warnings.simplefilter("ignore", FutureWarning)
-        peft_model = get_peft_model(model, lcfg)
+    peft_model = adapters.build(cfg, model, adapters.calibration_rows(cfg, train), plan.micro)
     params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
     if not params:
         raise ValueError(f"LoRA found none of {cfg.lora_targets} in {type(model).__name__}")
@@ -247,7 +262,7 @@ def _lora(cfg, model, train, val, plan: Plan):
     for p in merged.parameters():
         p.requires_grad_(flags.get(id(p), True))
     ppl = lambda v: _finite(math.exp(min(v, 700.0)))  # noqa: E731
-    return merged, _stage("lora", res, ppl(res.first_val), ppl(res.best_val))
+    return merged, {**_stage("lora", res, ppl(res.first_val), ppl(res.best_val)), "adapter": cfg.adapter}
 
 
 def _save_stage(model, done_dir: Path) -> None:

@@ -22,7 +22,7 @@ def test_scoped_and_global_keys():
 
 @pytest.mark.parametrize("items, needle", [
     (["window"], "expected KEY=VALUE"),
-    (["liger.nope=1"], "unknown field; valid: backend"),
+    (["liger.nope=1"], "unknown field; valid: adapter, backend"),
     (["nope=1"], "no selected method has that field"),
     (["gla.window=3"], "'gla' is not among --methods"),
     (["liger.softmax_every=seven"], "expected int"),
