@@ -1,9 +1,17 @@
 """Save and load linearized models as standard transformers checkpoints.
 
-`save_pretrained` writes config.json (with `linbench`: the method and its resolved
-config, and `layer_types`) and model.safetensors. `from_pretrained` rebuilds the base
-architecture from that config, linearizes it with the recorded method, and loads every
-tensor strictly -- new parameters included -- so a reload is exact.
+`save_pretrained` writes model.safetensors (the whole state dict, new parameters
+included) and config.json: the base architecture's config with model_type
+"linbench_<arch>" (linbench_llama, linbench_mistral, linbench_qwen2), architectures
+["Linbench<Family>ForCausalLM"] and `linbench` (the method, its resolved config, window
+and kept softmax layers). After `import linbench`, transformers' AutoConfig and
+AutoModelForCausalLM know these model types (linbench.methods.hf), so
+`AutoModelForCausalLM.from_pretrained(dir)` loads the model.
+
+`from_pretrained` (the loader behind both) rebuilds the base architecture from that
+config, linearizes it with the recorded method, and loads every tensor strictly, so a
+reload is exact. It also reads checkpoints of linbench 0.1.0, whose config.json kept the
+base model_type ("llama") beside `linbench`.
 """
 from __future__ import annotations
 
@@ -12,12 +20,56 @@ from pathlib import Path
 
 import torch
 
+from linbench.assets.archs import SUPPORTED_ARCHS
+
+
+PREFIX = "linbench_"  # model_type of a linearized checkpoint: PREFIX + the base model_type
+
+
+def linearized_type(base_type: str) -> str:
+    """'llama' -> 'linbench_llama': the model_type a linearized checkpoint is saved under."""
+    return PREFIX + base_type
+
+
+def loader_name(base_type: str) -> str:
+    """'llama' -> 'LinbenchLlamaForCausalLM' (the `architectures` entry of the checkpoint)."""
+    return f"Linbench{SUPPORTED_ARCHS[base_type]}ForCausalLM"
+
+
+def base_type(model_type: str) -> str:
+    """The base architecture's model_type: 'linbench_llama' -> 'llama', 'llama' -> 'llama'."""
+    return model_type[len(PREFIX):] if model_type.startswith(PREFIX) else model_type
+
 
 def save_pretrained(model, path) -> None:
-    """Write a linearized model (LoRA, if any, must be merged first)."""
+    """Write a linearized model (LoRA, if any, must be merged first), or a plain one."""
     if hasattr(model, "peft_config"):
         raise ValueError("merge the LoRA adapters first (model.merge_and_unload())")
     model.save_pretrained(path)
+    if hasattr(model.config, "linbench"):  # the model keeps its own config; the file is retyped
+        cfg = Path(path) / "config.json"
+        data = json.loads(cfg.read_text())
+        base = base_type(data["model_type"])
+        data.update(model_type=linearized_type(base), architectures=[loader_name(base)])
+        cfg.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def base_config_class(base: str):
+    """transformers' config class of a base model_type ('llama' -> LlamaConfig)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    if base not in CONFIG_MAPPING:
+        raise ValueError(f"unknown model_type {base!r}")
+    return CONFIG_MAPPING[base]
+
+
+def base_config(path):
+    """The base architecture's config (a LlamaConfig, ...) of a checkpoint directory, with
+    its `linbench` record, whichever model_type config.json carries."""
+    data = json.loads((Path(path) / "config.json").read_text())
+    data["model_type"] = base_type(data.get("model_type", ""))
+    if data.get("architectures") and data["architectures"][0].startswith("Linbench"):
+        data["architectures"] = [data["architectures"][0][len("Linbench"):]]
+    return base_config_class(data["model_type"]).from_dict(data)
 
 
 def method_of(config):
@@ -32,11 +84,14 @@ def method_of(config):
 def from_pretrained(path, dtype=torch.float32, device="cpu"):
     """Load a model written by `save_pretrained` (a linearized one or a plain one)."""
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
     import linbench.methods.attention  # noqa: F401  (registers the recurrent cache layer)
 
     path = Path(path)
-    config = AutoConfig.from_pretrained(path)
+    if not path.is_dir():
+        raise ValueError(f"{str(path)!r} is not a directory: linearized checkpoints load from "
+                         "a local directory written by linbench.methods.io.save_pretrained")
+    config = base_config(path)
     if not hasattr(config, "linbench"):
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     method = method_of(config)

@@ -1,0 +1,149 @@
+"""transformers' Auto classes for linearized checkpoints: after `import linbench`,
+
+    AutoModelForCausalLM.from_pretrained(dir)
+
+loads a model written by linbench.methods.io.save_pretrained, with the same logits.
+
+For each architecture linbench linearizes (linbench.assets.archs: llama, mistral, qwen2)
+two classes are registered with transformers:
+  Linbench<Family>Config         the family's config class under its own model_type
+                                 "linbench_<arch>" (AutoConfig.register);
+  Linbench<Family>ForCausalLM    its AutoModelForCausalLM entry (register). It loads
+                                 through methods.io.from_pretrained, so the result is what
+                                 linbench itself builds: the family's <Family>ForCausalLM
+                                 with the recorded method's layers and every saved tensor
+                                 (strict). from_config gives a fresh linearized model.
+
+`import linbench` stays cheap: this module imports nothing of transformers (nor torch).
+`install` registers at once when transformers' auto modules are already imported, and
+otherwise adds a post-import hook to sys.meta_path that registers right after
+transformers imports them. Without `import linbench`, transformers refuses the
+checkpoint: its model_type "linbench_llama" is unknown to it.
+"""
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import sys
+import warnings
+
+from linbench.assets.archs import SUPPORTED_ARCHS
+
+_CONFIG_AUTO = "transformers.models.auto.configuration_auto"
+_MODEL_AUTO = "transformers.models.auto.modeling_auto"
+_done: set[str] = set()  # the auto modules whose registration has run
+
+
+class _Loader:
+    """AutoModelForCausalLM's entry for one linearized architecture (see the docstring)."""
+
+    config_class = None  # set per architecture by `classes`
+
+    @classmethod
+    def from_pretrained(cls, path, *model_args, config=None, dtype=None, torch_dtype=None,
+                        device_map=None, **hub_kwargs):
+        """Load `path` (a local directory). dtype: a torch dtype, its name, or None / "auto"
+        (the checkpoint's); device_map: one device (None: CPU). Hub arguments are ignored."""
+        import torch
+
+        from linbench.methods import io
+        if model_args:
+            raise TypeError(f"{cls.__name__}.from_pretrained takes no model arguments, "
+                            f"got {model_args!r}")
+        if isinstance(device_map, dict):
+            raise ValueError("device_map must be one device for a linearized model; "
+                             "load it, then .to(device)")
+        want = dtype if dtype is not None else torch_dtype
+        if want is None or want == "auto":
+            want = getattr(config, "dtype", None) or "float32"
+        if isinstance(want, str):
+            want = getattr(torch, want.replace("torch.", ""))
+        return io.from_pretrained(path, dtype=want, device=device_map or "cpu")
+
+    @classmethod
+    def from_config(cls, config, **kwargs):
+        """A fresh (randomly initialized) linearized model of this config."""
+        from transformers import AutoModelForCausalLM
+
+        from linbench.methods import io
+        base = io.base_type(config.model_type)
+        plain = io.base_config_class(base).from_dict(
+            {**config.to_dict(), "model_type": base,
+             "architectures": [f"{SUPPORTED_ARCHS[base]}ForCausalLM"]})
+        return io.method_of(config).linearize(AutoModelForCausalLM.from_config(plain, **kwargs))
+
+    _from_config = from_config
+
+
+def classes(base_type: str):
+    """(Linbench<Family>Config, Linbench<Family>ForCausalLM) for base model_type 'llama',
+    ...; created on first use (this imports transformers' config class of the family)."""
+    from linbench.methods import io
+    family = SUPPORTED_ARCHS[base_type]
+    name = f"Linbench{family}Config"
+    if name not in globals():
+        cfg = type(name, (io.base_config_class(base_type),), {
+            "model_type": io.linearized_type(base_type), "__module__": __name__,
+            "__doc__": f"{family}'s config for a linbench-linearized model."})
+        loader = type(io.loader_name(base_type), (_Loader,), {
+            "config_class": cfg, "__module__": __name__,
+            "__doc__": f"Loads a linearized {family} checkpoint as a {family}ForCausalLM."})
+        globals().update({name: cfg, loader.__name__: loader})  # importable by name (pickle)
+    return globals()[name], globals()[io.loader_name(base_type)]
+
+
+def _register(finished: str | None = None) -> None:
+    """Register with each auto module that is fully imported (`finished`: the one whose code
+    just ran), once each; nothing while one is still being imported (registering imports
+    the family's config class, whose imports need the auto modules complete)."""
+    def ready(name):
+        m = sys.modules.get(name)
+        return m is not None and (name == finished or not getattr(m.__spec__, "_initializing", False))
+    if any(n in sys.modules and not ready(n) for n in (_CONFIG_AUTO, _MODEL_AUTO)):
+        return  # the hook of the module still being imported registers
+    for name in (_CONFIG_AUTO, _MODEL_AUTO):
+        if name in _done or not ready(name):
+            continue
+        auto = sys.modules[name]
+        for base in SUPPORTED_ARCHS:
+            cfg, loader = classes(base)
+            if name == _CONFIG_AUTO:
+                auto.AutoConfig.register(cfg.model_type, cfg, exist_ok=True)
+            else:
+                auto.AutoModelForCausalLM.register(cfg, loader, exist_ok=True)
+        _done.add(name)
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Finds transformers' auto modules through the other finders and runs `_register`
+    right after each of them executes."""
+
+    _busy: set[str] = set()
+
+    def find_spec(self, name, path=None, target=None):
+        if name not in (_CONFIG_AUTO, _MODEL_AUTO) or name in self._busy or name in _done:
+            return None
+        self._busy.add(name)
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            self._busy.discard(name)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            try:
+                _register(finished=name)
+            except Exception as err:  # never break transformers' own import
+                warnings.warn(f"linbench could not register its Auto classes: {err!r}")
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def install() -> None:
+    """Register the Auto classes now or right after transformers imports its auto modules."""
+    _register()
+    if len(_done) < 2 and not any(isinstance(f, _AfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport())

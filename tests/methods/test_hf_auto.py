@@ -1,0 +1,113 @@
+"""Linearized checkpoints load with transformers' own AutoModelForCausalLM (after `import
+linbench`), with the logits of the model that was saved; linbench's loader reads both
+the current format and the one of linbench 0.1.0.
+
+fixtures/lolcats_v010: a lolcats-linearized tiny Llama (hidden 32, vocab 128, every
+parameter perturbed off its init) written by linbench 0.1.0's io.save_pretrained
+(config.json: model_type "llama" beside `linbench`), with the logits that model gave for
+80 fixed token ids (expected_logits.safetensors; longer than lolcats' 64-token window).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import linbench  # noqa: F401  (registers the Auto classes)
+from linbench import registry
+from linbench.methods import io
+from tests.conftest import make_tiny_llama
+
+FIXTURE = Path(__file__).parent / "fixtures" / "lolcats_v010"
+VOCAB = 128
+
+
+def _linearized(name, seed=0):
+    torch.manual_seed(seed)
+    base = make_tiny_llama(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, seed=seed)
+    model = registry.methods.get(name)().linearize(base)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # off the init, so a parameter left out of the load shows
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def _ids(T=80):
+    return torch.randint(0, VOCAB, (2, T), generator=torch.Generator().manual_seed(3))
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("name", ["lolcats", "lightning", "gla"])
+def test_auto_model_loads_a_saved_linearized_model(tmp_path, name):
+    from transformers import AutoConfig, AutoModelForCausalLM
+    model, ids = _linearized(name), _ids()
+    io.save_pretrained(model, tmp_path)
+    data = json.loads((tmp_path / "config.json").read_text())
+    assert data["model_type"] == "linbench_llama"
+    assert data["architectures"] == ["LinbenchLlamaForCausalLM"]
+    assert data["linbench"]["method"] == name
+    assert type(AutoConfig.from_pretrained(tmp_path)).__name__ == "LinbenchLlamaConfig"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(loaded).__name__ == "LlamaForCausalLM"  # the family's class, linearized
+    assert io.method_of(loaded.config).config_dict() == io.method_of(model.config).config_dict()
+    torch.testing.assert_close(_logits(loaded, ids), _logits(model, ids), rtol=0, atol=1e-6)
+    ours = io.from_pretrained(tmp_path)  # linbench's own loader reads the same files
+    torch.testing.assert_close(_logits(ours, ids), _logits(model, ids), rtol=0, atol=1e-6)
+
+
+def test_auto_model_dtype_and_from_config(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+    io.save_pretrained(_linearized("lolcats"), tmp_path)
+    assert next(AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64)
+                .parameters()).dtype == torch.float64
+    fresh = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tmp_path))
+    assert io.method_of(fresh.config).name == "lolcats"
+    assert _logits(fresh, _ids(8)).shape == (2, 8, VOCAB)
+
+
+def test_a_linbench_010_checkpoint_loads_with_its_logits(tmp_path):
+    """The committed 0.1.0 checkpoint: same logits through io.from_pretrained, and once
+    re-saved, through AutoModelForCausalLM."""
+    from transformers import AutoModelForCausalLM
+    assert json.loads((FIXTURE / "config.json").read_text())["model_type"] == "llama"
+    want = load_file(FIXTURE / "expected_logits.safetensors")
+    model = io.from_pretrained(FIXTURE)
+    torch.testing.assert_close(_logits(model, want["input_ids"]), want["logits"], rtol=0, atol=1e-6)
+    io.save_pretrained(model, tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    torch.testing.assert_close(_logits(again, want["input_ids"]), want["logits"], rtol=0, atol=1e-6)
+
+
+def test_fresh_process_import_linbench_then_transformers(tmp_path):
+    """The usual order in a new process: `import linbench` (which imports neither torch nor
+    transformers), then transformers: the post-import hook registers the Auto classes."""
+    io.save_pretrained(_linearized("lolcats"), tmp_path)
+    ids = _ids(16)
+    torch.save({"ids": ids, "logits": _logits(io.from_pretrained(tmp_path), ids)}, tmp_path / "want.pt")
+    script = textwrap.dedent(f"""
+        import sys
+        import linbench
+        assert not [m for m in sys.modules if m.split(".")[0] in ("torch", "transformers")]
+        import torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r})
+        want = torch.load({str(tmp_path / 'want.pt')!r})
+        with torch.no_grad():
+            err = (model(want["ids"]).logits - want["logits"]).abs().max().item()
+        assert err <= 1e-6, err
+        print("ok")
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         cwd=Path(__file__).parents[2], timeout=300)
+    assert run.stdout.strip().endswith("ok"), run.stderr[-2000:]
