@@ -1,7 +1,9 @@
 """Chunked gated linear attention (per-channel gates) in torch, linear in T.
 
 The chunk scan of linbench.kernels.linear.chunked (its docstring: algorithm, memory) with
-per-channel log-gates g (B, T, H, K). What is GLA's own is the intra-chunk weight
+per-channel log-gates g (B, T, H, K), streamed: each segment is cast to the compute dtype
+inside the scan, so a half-precision call holds no fp32 copy of the whole sequence
+(peak: inputs + output + one segment; backward: + their gradients). What is GLA's own is the intra-chunk weight
 (Q K^T * exp(G_i - G_j)) per channel, which cannot be one (C, C) product: the chunk is
 cut into sub-blocks of s ~ sqrt(C) tokens (8 for C = 64); diagonal sub-blocks use the
 pairwise (s, s, K) form with a -inf mask, the others factor through a reference point
@@ -12,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from linbench.kernels.common import acc_dtype, check_shapes, default_scale
+from linbench.kernels.common import check_shapes, default_scale
 from linbench.kernels.linear.chunked import scan
 
 # Token-heads (B * H * L) per segment: the (s, s, K) pairwise blocks make it smaller than
@@ -59,8 +61,8 @@ def gated_linear_attention_chunked(q, k, v, g, *, scale=None, initial_state=None
     no exp of a positive exponent is ever taken). Returns (o, fp32 final state or None).
     """
     check_shapes(q, k, v, g=(g, q.shape))
-    dt, out_dtype = acc_dtype(q), v.dtype
     scale = default_scale(q, scale)
-    o, final = scan(q.to(dt), k.to(dt), v.to(dt), g.to(dt), initial_state, scale, chunk_size,
-                    budget=SEGMENT_TOKEN_HEADS, intra=intra_channel)
-    return o.to(out_dtype), (final.float() if output_final_state else None)
+    # the scan casts each segment to the compute dtype (acc_dtype of q) and writes o in v's
+    o, final = scan(q, k, v, g, initial_state, scale, chunk_size, budget=SEGMENT_TOKEN_HEADS,
+                    intra=intra_channel)
+    return o, (final.float() if output_final_state else None)

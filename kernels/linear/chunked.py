@@ -91,13 +91,14 @@ class _ChunkScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, s0, scale, C, seg, intra):
         B, T, H, _ = q.shape
+        dt = s0.dtype  # the compute dtype: each segment is cast to it, o stays in v's
         o = v.new_empty(B, T, H, v.shape[-1])
         S, starts = s0, []
         for t0 in range(0, T, seg):
             sl = slice(t0, t0 + seg)
             starts.append(S)
-            oc, S = _segment(q[:, sl], k[:, sl], v[:, sl],
-                             None if g is None else g[:, sl], S, scale, C, intra)
+            oc, S = _segment(q[:, sl].to(dt), k[:, sl].to(dt), v[:, sl].to(dt),
+                             None if g is None else g[:, sl].to(dt), S, scale, C, intra)
             o[:, sl] = from_chunks(oc, o[:, sl].shape[1])
         ctx.save_for_backward(q, k, v, g, *starts)
         ctx.cfg = (scale, C, seg, intra)
@@ -107,6 +108,7 @@ class _ChunkScan(torch.autograd.Function):
     def backward(ctx, do, dS):
         q, k, v, g, *starts = ctx.saved_tensors
         scale, C, seg, intra = ctx.cfg
+        dt = starts[0].dtype
         need = ctx.needs_input_grad[:5]
         xs = (q, k, v, g)
         grads = [torch.zeros_like(x, memory_format=torch.contiguous_format) if x is not None and nd
@@ -114,12 +116,12 @@ class _ChunkScan(torch.autograd.Function):
         for idx in reversed(range(len(starts))):
             sl = slice(idx * seg, (idx + 1) * seg)
             with torch.enable_grad():
-                part = [None if x is None else x[:, sl].detach().requires_grad_(nd)
+                part = [None if x is None else x[:, sl].detach().to(dt).requires_grad_(nd)
                         for x, nd in zip(xs, need)]
                 s_in = starts[idx].detach().requires_grad_(idx > 0 or need[4])
                 o, s_out = _segment(*part, s_in, scale, C, intra)
                 wrt = [t for t in part + [s_in] if t is not None and t.requires_grad]
-                outs = [(t, d) for t, d in ((o, to_chunks(do[:, sl], C)), (s_out, dS))
+                outs = [(t, d) for t, d in ((o, to_chunks(do[:, sl], C, dt)), (s_out, dS))
                         if t.requires_grad]
                 ys, dys = zip(*outs)
                 got = iter(torch.autograd.grad(ys, wrt, dys, allow_unused=True))
@@ -133,7 +135,8 @@ class _ChunkScan(torch.autograd.Function):
 
 
 def scan(q, k, v, g, initial_state, scale, C, budget=None, intra=None):
-    """The chunk scan in q's dtype (the compute dtype); returns (o, final state) in it.
+    """The chunk scan in the compute dtype (acc_dtype of q), each segment cast to it (no
+    whole-sequence copy); returns (o in v's dtype, final state in the compute dtype).
 
     g: None, (B, T, H, 1) scalar or (B, T, H, K) per-channel log-gates (with `intra`);
     budget: token-heads per segment (default SEGMENT_TOKEN_HEADS).
@@ -144,9 +147,10 @@ def scan(q, k, v, g, initial_state, scale, C, budget=None, intra=None):
     B, T, H, K = q.shape
     budget = SEGMENT_TOKEN_HEADS if budget is None else budget
     seg = C * max(1, budget // (B * H * C))
-    s0 = torch.zeros(B, H, K, v.shape[-1], dtype=q.dtype, device=q.device)
+    dt = acc_dtype(q)
+    s0 = torch.zeros(B, H, K, v.shape[-1], dtype=dt, device=q.device)
     if initial_state is not None:
-        s0 = initial_state.to(q.dtype).expand_as(s0)
+        s0 = initial_state.to(dt).expand_as(s0)
     return _ChunkScan.apply(q, k, v, g, s0, scale, C, seg, intra)
 
 

@@ -3,14 +3,17 @@
 Every fast form against its reference (sliding_window_attention_ref,
 window_linear_attention_ref), the output and every gradient (q, k, v; fq, fk, gamma):
 the blockwise torch form (over the shape grid of conftest, fp32 and fp64, windows shorter
-and longer than the block and than T), the recurrent steps, the Triton kernels (their own
-small cases, in the interpreter on CPU; fp16 too). Then the decode states (after a
-prefill and step by step) and the forms' own properties (memory, checkpointing, bad input).
+and longer than the block and than T, window 1), streamed over many groups (GQA keys as
+stride-0 views), the recurrent steps, the Triton kernels (their own small cases, in the
+interpreter on CPU; fp16 too; the hybrid over many groups). Then the decode states (after
+a prefill and step by step) and the forms' own properties (memory: one group's
+intermediates at any T, bad input).
 """
 from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import linbench.kernels as K
 from linbench.kernels.window import chunked
@@ -33,8 +36,8 @@ def _triton():
 
 # ---- blockwise torch ----------------------------------------------------------------------
 
-# (window, query block): window > block, block > window, window longer than every T
-WINDOWS = [(16, 8), (5, 16), (256, 32)]
+# (window, query block): window > block, block > window, window longer than every T, window 1
+WINDOWS = [(16, 8), (5, 16), (256, 32), (1, 8)]
 WINDOW_IDS = [f"W{w}-blk{b}" for w, b in WINDOWS]
 FEAT = 6
 
@@ -96,36 +99,109 @@ def test_chunked_hybrid_final_state(kit, T):
     assert torch.equal(cache.k, k[:, -window:]) and torch.equal(cache.v, v[:, -window:])
 
 
-def test_chunked_many_groups_checkpointed(kit, monkeypatch):
-    """One query block per group: every group runs under checkpoint in the backward."""
+# (window, T): a window longer than a group (its keys reach back over several groups),
+# window 1, window > T; T never a multiple of the block (8)
+STREAM_CASES = [(12, 75), (1, 45), (100, 75), (30, 61)]
+
+
+@pytest.mark.parametrize("window,T", STREAM_CASES, ids=[f"W{w}-T{t}" for w, t in STREAM_CASES])
+def test_chunked_streamed_groups_match_reference(kit, monkeypatch, window, T):
+    """One query block (8 tokens) per group: every group is streamed, recomputed in the
+    backward, its key gradients carried back to the groups before. GQA through stride-0
+    expanded key / value heads (no copy), so their gradients sum over the shared heads."""
     monkeypatch.setattr(chunked, "GROUP_SCORE_ELEMENTS", 1)
-    shape = kit.Shape(2, 75, 2, 8, 4)
+    shape = kit.Shape(2, T, 4, 8, 4, Hkv=2)
     q, k, v = kit.qkv(shape, torch.float64)
     fq, fk, gamma = _features(shape, torch.float64)
-    kit.compare(lambda q, k, v: sliding_window_attention_chunked(q, k, v, window=12, block=8),
-                lambda q, k, v: sliding_window_attention_ref(q, k, v, window=12),
+
+    def heads(x):  # (B, T, 2, D) -> (B, T, 4, D), a view
+        return x[:, :, :, None].expand(-1, -1, -1, 2, -1).flatten(2, 3)
+
+    def swa(fn, **kw):
+        return lambda q, k, v: fn(q, heads(k), heads(v), window=window, **kw)
+
+    def hybrid(fn, **kw):
+        return lambda q, k, v, fq, fk, gamma: fn(q, heads(k), heads(v), fq, fk, window=window,
+                                                 gamma=gamma, **kw)
+    kit.compare(swa(sliding_window_attention_chunked, block=8), swa(sliding_window_attention_ref),
                 [q, k, v], ["q", "k", "v"], ["o"])
-    kit.compare(lambda *a: window_linear_attention_chunked(*a[:5], window=12, gamma=a[5], block=8),
-                lambda *a: window_linear_attention_ref(*a[:5], window=12, gamma=a[5]),
-                [q, k, v, fq, fk, gamma], ["q", "k", "v", "fq", "fk", "gamma"], ["y"])
+    kit.compare(hybrid(window_linear_attention_chunked, block=8),
+                hybrid(window_linear_attention_ref), [q, k, v, fq, fk, gamma],
+                ["q", "k", "v", "fq", "fk", "gamma"], ["y"], floors={"gamma": 1.0})
 
 
-def test_chunked_scores_are_banded_not_quadratic():
-    """Autograd keeps O(T * (block + window)) per head for the scores, never T x T."""
-    B, T, H, D, window, block = 1, 1024, 2, 8, 16, 16
-    q, k, v = (torch.randn(B, T, H, D, requires_grad=True) for _ in range(3))
-    fq, fk = (torch.rand(B, T, H, 4, requires_grad=True) for _ in range(2))
-    gamma = torch.full((H,), 0.1, requires_grad=True)
-    band = B * H * T * (block + window)
-    for fn in (lambda: sliding_window_attention_chunked(q, k, v, window=window, block=block),
-               lambda: window_linear_attention_chunked(q, k, v, fq, fk, window=window, gamma=gamma,
-                                                       block=block)):
-        saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t,
-                                                      lambda t: t):
-            out = fn()
-        assert max(saved) <= band < B * H * T * T // 16, (max(saved), band)
-        out.sum().backward()
+def test_chunked_half_inputs_stream_in_fp32(kit):
+    """bf16 inputs: computed in fp32 group by group, the output in bf16 (no fp32 copy of
+    the sequence, see the memory test): close to the fp64 reference at bf16 accuracy."""
+    shape = kit.Shape(1, 70, 2, 8, 8)
+    q, k, v = kit.qkv(shape, torch.bfloat16)
+    fq, fk, gamma = _features(shape, torch.bfloat16)
+    kit.compare(lambda *a: window_linear_attention_chunked(*a[:5], window=16, gamma=a[5], block=8),
+                lambda *a: window_linear_attention_ref(*a[:5], window=16, gamma=a[5]),
+                [q, k, v, fq, fk, gamma], ["q", "k", "v", "fq", "fk", "gamma"], ["y"],
+                floors={"gamma": 1.0})
+
+
+class _Allocations(TorchDispatchMode):
+    """Records the element count of every tensor an op creates (not views or in-place
+    results: outputs that alias an input in the op's schema)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if all(r.alias_info is None for r in func._schema.returns):
+            for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(t, torch.Tensor):
+                    self.sizes.append(t.numel())
+        return out
+
+
+def _largest_intermediates(fn, leaves, T):
+    """(whole-sequence tensors created in forward, in backward, the largest other tensor):
+    whole-sequence = at least B * T * H elements."""
+    seq = leaves[0].shape[0] * T * leaves[0].shape[2]
+    do = None
+    counts, largest = [], 0
+    for phase in ("forward", "backward"):
+        with _Allocations() as rec:
+            if phase == "forward":
+                out = fn(*leaves)
+            else:
+                torch.autograd.grad(out, leaves, do)
+        if do is None:
+            do = torch.randn_like(out)
+        counts.append(sum(n >= seq for n in rec.sizes))
+        largest = max([largest] + [n for n in rec.sizes if n < seq])
+    return counts, largest
+
+
+def test_chunked_memory_is_one_group_not_the_sequence(monkeypatch):
+    """Forward and backward of both window forms at T = 1K and 2K: the only whole-sequence
+    tensors created are the output (forward) and one gradient per input (backward); every
+    other tensor is a group's (one block x (block + window) scores here), the same at both T
+    (the quadratic reference would hold T x T, a blockwise form T x window)."""
+    monkeypatch.setattr(chunked, "GROUP_SCORE_ELEMENTS", 1 << 10)  # one block of 16 per group
+    B, H, D, Fd, window, block = 1, 2, 8, 4, 16, 16
+    per_group = B * H * block * (block + window)
+    largest = {}
+    for T in (1024, 2048):
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(B, T, H, D, generator=g).requires_grad_() for _ in range(3))
+        fq, fk = (torch.rand(B, T, H, Fd, generator=g).requires_grad_() for _ in range(2))
+        gamma = torch.full((H,), 0.1, requires_grad=True)
+        swa = _largest_intermediates(
+            lambda q, k, v: sliding_window_attention_chunked(q, k, v, window=window, block=block),
+            [q, k, v], T)
+        hybrid = _largest_intermediates(
+            lambda *a: window_linear_attention_chunked(*a[:5], window=window, gamma=a[5],
+                                                       block=block), [q, k, v, fq, fk, gamma], T)
+        assert swa[0] == [1, 3] and hybrid[0] == [1, 5], (swa, hybrid)
+        largest[T] = (swa[1], hybrid[1])
+        assert max(largest[T]) <= 4 * per_group, (largest[T], per_group)
+    assert largest[1024] == largest[2048]
 
 
 def test_chunked_bad_arguments():
@@ -355,6 +431,32 @@ def test_triton_hybrid_matches_reference(shape, dtype, linear):
     # eps-sized values, when T <= window): absolute floor 1 and a 10x looser tolerance
     # (the fp32 reference itself is ~1e-5 off an fp64 run on these shapes).
     _assert_close([y, *grads], [y_ref, *refs], dtype,
+                  ["y", "dq", "dk", "dv", "dfq", "dfk", "dgamma"], floors={"dgamma": 1.0},
+                  loosen={"dgamma": 10})
+
+
+@pytest.mark.parametrize("window,group", [(8, 7), (1, 16)], ids=["W8-group7", "W1-group16"])
+def test_triton_hybrid_streamed_groups(window, group):
+    """Groups shorter than the window and than T (not a multiple of them): each group's
+    band kernel and linear branch from the carried state, recomputed in the backward,
+    equal the reference (outputs and every gradient); GQA keys through a stride-0 view."""
+    torch.manual_seed(0)  # the random cotangents
+    B, T, H, K, V, Fd = 1, 30, 2, 16, 16, 16
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(B, T, H, K, generator=g)
+    k, v = torch.randn(B, T, 1, K, generator=g), torch.randn(B, T, 1, V, generator=g)
+    fq, fk = (torch.randn(B, T, H, Fd, generator=g).softmax(-1) for _ in range(2))
+    ins = [x.to(DEVICE).requires_grad_() for x in (q, k, v, fq, fk)]
+    gamma = torch.tensor([0.2, 0.6], device=DEVICE).requires_grad_()
+    q, k, v, fq, fk = ins
+    k, v = k.expand(-1, -1, H, -1), v.expand(-1, -1, H, -1)
+    y = _triton().window_linear_attention(q, k, v, fq, fk, window=window, gamma=gamma,
+                                          _group=group, _blocks=(16, 16))
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, ins + [gamma], dy)
+    y_ref = window_linear_attention_ref(q, k, v, fq, fk, window=window, gamma=gamma)
+    refs = torch.autograd.grad(y_ref, ins + [gamma], dy)
+    _assert_close([y, *grads], [y_ref, *refs], torch.float32,
                   ["y", "dq", "dk", "dv", "dfq", "dfk", "dgamma"], floors={"dgamma": 1.0},
                   loosen={"dgamma": 10})
 

@@ -1,0 +1,59 @@
+"""Long inputs stream through the mixers (methods/README.md, "Streaming (long context)"):
+the recurrent mixers run segments with the state carried, HybridWindow maps its features
+and MixSum sums segment by segment. Cut into short segments, every linearized method's
+kernel-level mixer (what `linbench speed` times) gives the output and the gradients of one
+call, with and without autograd, and a wanted state equals one call's."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from linbench import registry
+from linbench.methods import mixers
+from linbench.methods.attention import Heads
+
+METHODS = [m for m in registry.methods.names() if registry.methods.get(m).role != "parent"]
+B, T, H, D = 1, 50, 2, 8
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_segments_equal_one_call(monkeypatch, name):
+    torch.manual_seed(0)
+    mixer = registry.methods.get(name)().mixer(H, D, backend="torch").double()
+    for p in mixer.parameters():  # off the initialization (gates, gamma, feature maps)
+        p.data.add_(0.1 * torch.randn_like(p))
+    q, k, v = (torch.randn(B, T, H, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    leaves = [q, k, v] + [p for p in mixer.parameters() if p.requires_grad]
+    w = torch.randn(B, T, H, D, dtype=torch.float64)
+
+    def run():
+        o = mixer(q, k, v)
+        return o, torch.autograd.grad((o * w).sum(), leaves, allow_unused=True)
+
+    o_one, g_one = run()
+    monkeypatch.setattr(mixers, "STREAM_TOKEN_HEADS", H * 16)  # 16-token segments: 4 of them
+    o_seg, g_seg = run()
+    with torch.no_grad():
+        o_nograd = mixer(q, k, v)
+    # the carried state is fp32 by the kernels' contract: fp32 accuracy, not fp64
+    assert _rel(o_seg, o_one) < 1e-5 and _rel(o_nograd, o_one) < 1e-5, name
+    for a, b in zip(g_seg, g_one):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert _rel(a, b) < 1e-4, name
+
+
+def test_streamed_state_equals_one_call(monkeypatch):
+    """GatedMix asked for its state over 4 segments: the final state of one call."""
+    torch.manual_seed(0)
+    mixer = registry.methods.get("gla")().mixer(H, D, backend="torch").mixer.double()
+    x = [torch.randn(B, T, H, D, dtype=torch.float64) for _ in range(3)]
+    h = Heads(*x, x[0], x[1], x[0].reshape(B, T, H * D))
+    o_one, s_one = mixer(h, None, True)
+    monkeypatch.setattr(mixers, "STREAM_TOKEN_HEADS", H * 16)
+    o_seg, s_seg = mixer(h, None, True)
+    assert _rel(o_seg, o_one) < 1e-5 and _rel(s_seg, s_one) < 1e-5
