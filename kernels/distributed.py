@@ -127,22 +127,22 @@ class _PrefixState(torch.autograd.Function):
         P = torch.zeros_like(M)
         for s in range(packed.shape[0]):
             if s == r:
-                P_r = P
-                ctx.P_r = P  # the state at the start of this rank's slice (for da_r)
+                P_r = P  # the state at the start of this rank's slice
             P = Ms[s] + (P if As is None else As[s] * P)
-        ctx.group, ctx.As, ctx.r, ctx.has_a = group, As, r, a is not None
+        ctx.save_for_backward(P_r, As)
+        ctx.group, ctx.r = group, r
         return P_r, P
 
     @staticmethod
     def backward(ctx, dP_r, dP_W):
-        As, r = ctx.As, ctx.r
-        V = dP_r.shape[-1]
+        P_r, As = ctx.saved_tensors
+        r, V = ctx.r, dP_r.shape[-1]
         d = _gather(torch.cat([dP_r, dP_W], -1), group=ctx.group)  # (W, B, H, K, 2V)
         adj = d[..., V:].sum(0)  # adjoint of P_W: every rank's final-state gradient
         for s in range(d.shape[0] - 1, r, -1):  # adj_s = dP_s + e^{a_s} adj_{s+1}
             adj = d[s, ..., :V] + (adj if As is None else As[s] * adj)
         dM = adj  # adj_{r+1}: P_{r+1} = e^{a_r} P_r + M_r
-        da = (adj * As[r] * ctx.P_r).sum(-1, keepdim=True) if ctx.has_a else None
+        da = None if As is None else (adj * As[r] * P_r).sum(-1, keepdim=True)
         return dM, da, None
 
 
