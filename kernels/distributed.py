@@ -60,6 +60,8 @@ peak memory per rank beside the one-process row (see `main`).
 """
 from __future__ import annotations
 
+import argparse
+
 import torch
 import torch.distributed as dist
 
@@ -148,10 +150,10 @@ class _PrefixState(torch.autograd.Function):
 
 def _inter(q, log_gate_cum, P, scale):
     """Inter-slice output scale (q_t e^{G_t}) P_r in fp32; G: None or (B, T, H, 1 | K)."""
-    qf = q.to(P.dtype) * scale
+    qf = q.to(P.dtype)
     if log_gate_cum is not None:
         qf = qf * log_gate_cum.exp()
-    return torch.einsum("bthk,bhkv->bthv", qf, P)
+    return torch.einsum("bthk,bhkv->bthv", qf, P * scale)
 
 
 def linear_attention(q, k, v, *, decay=None, normalize=False, scale=None, eps=1e-6,
@@ -254,3 +256,131 @@ def window_linear_attention(q, k, v, fq, fk, *, window=64, gamma, scale=None, ep
     if not pre:  # P unused here: keep its collective in this rank's backward graph
         y = y + 0 * P.sum()
     return y.to(v.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# Benchmark: python -m linbench.kernels.distributed --nproc 4 --seqlen 1M..8M
+
+def _lengths_arg(text: str) -> list[int]:
+    """'1M..8M' -> powers of two from 1M to 8M; '256k,1M'; '4096'. k, M: 2^10, 2^20."""
+    def one(tok):
+        tok = tok.strip()
+        mult = {"k": 1 << 10, "K": 1 << 10, "M": 1 << 20}.get(tok[-1:], 1)
+        n = int(tok[:-1] if mult > 1 else tok) * mult
+        if n < 1:
+            raise ValueError(tok)
+        return n
+    out = []
+    try:
+        for item in text.split(","):
+            if ".." in item:
+                lo, hi = (one(x) for x in item.split(".."))
+                while lo <= hi:
+                    out.append(lo)
+                    lo *= 2
+            else:
+                out.append(one(item))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"bad --seqlen {text!r}: e.g. '1M..8M', '256k,1M' or '4096'") from None
+    return out
+
+
+def _bench_worker(op: str, T: int, B: int, H: int, D: int, mode: str, repeats: int,
+                  threads: int, backend: str):
+    """One rank of a launched group (env:// from the elastic launcher); world 1 runs the
+    single-device kernel. Returns (seconds per call, peak bytes of this process)."""
+    import resource
+    import time
+    torch.set_num_threads(threads)
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        dev = torch.device(f"cuda:{torch.cuda.current_device()}" if cuda else "cpu")
+        W = dist.get_world_size()
+        sl = local_slice(T)
+        n = sl.stop - sl.start
+        g = torch.Generator(device=dev).manual_seed(dist.get_rank())
+        x = [torch.randn(B, n, H, D, device=dev, generator=g) for _ in range(3)]
+        if op == "gla":
+            x.append(torch.nn.functional.logsigmoid(torch.randn(B, n, H, D, device=dev, generator=g) + 4))
+        x = [t.requires_grad_(mode == "fwdbwd") for t in x]
+        fn = {"linear": (single.linear_attention, linear_attention),
+              "gla": (single.gated_linear_attention, gated_linear_attention)}[op]
+        kw = {} if W == 1 else {"group": None}
+
+        def call():
+            with torch.set_grad_enabled(mode == "fwdbwd"):
+                o, _ = fn[W > 1](*x, backend=backend, **kw)
+                if mode == "fwdbwd":
+                    o.sum().backward()
+            if cuda:
+                torch.cuda.synchronize()
+        times = []
+        for _ in range(repeats + 1):  # the first call warms up
+            dist.barrier()
+            t0 = time.perf_counter()
+            call()
+            dist.barrier()
+            times.append(time.perf_counter() - t0)
+        peak = (torch.cuda.max_memory_allocated() if cuda
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        return min(times[1:]), peak
+    finally:
+        dist.destroy_process_group()
+
+
+def _launch(nproc: int, args) -> dict:
+    """Run _bench_worker on `nproc` fresh processes through torch's elastic launcher."""
+    import socket
+    import uuid
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex,
+                       rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{port}", max_restarts=0,
+                       monitor_interval=0.5)
+    return elastic_launch(cfg, _bench_worker)(args.op, args.T, args.batch, args.heads,
+                                               args.dim, args.mode, args.repeats,
+                                               args.threads, args.backend)
+
+
+def main(argv=None) -> None:
+    """Tokens/s and peak memory per rank of LASP-2 over --nproc processes beside the
+    one-process kernel, for each --seqlen (B x T x H x D fp32 q, k, v of random data).
+    Peak memory: CUDA max allocated, or on CPU the process's peak RSS (torch included)."""
+    p = argparse.ArgumentParser(prog="python -m linbench.kernels.distributed",
+                                description=main.__doc__)
+    p.add_argument("--nproc", type=int, default=4)
+    p.add_argument("--seqlen", type=_lengths_arg, default=_lengths_arg("1M..8M"))
+    p.add_argument("--op", choices=("linear", "gla"), default="linear")
+    p.add_argument("--mode", choices=("fwd", "fwdbwd"), default="fwd")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--backend", choices=single.BACKENDS, default="auto")
+    args = p.parse_args(argv)
+    if args.nproc < 2:
+        p.error(f"--nproc must be >= 2 (the one-process row is always measured), got {args.nproc}")
+    print(f"{args.op} {args.mode}  B={args.batch} H={args.heads} D={args.dim} fp32  "
+          f"{args.threads} thread(s) per process")
+    print(f"{'T':>10} {'procs':>5} {'tokens/s':>12} {'peak/rank':>10}")
+    for T in args.seqlen:
+        args.T = T
+        for nproc in (1, args.nproc):
+            try:
+                res = _launch(nproc, args)
+            except Exception as err:  # an OOM-killed worker, most often: keep the row
+                print(f"{T:>10} {nproc:>5} {'failed':>12} {type(err).__name__}", flush=True)
+                continue
+            sec = max(r[0] for r in res.values())
+            peak = max(r[1] for r in res.values())
+            print(f"{T:>10} {nproc:>5} {T * args.batch / sec:>12.4g} {peak / 2**30:>8.2f}Gi",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
