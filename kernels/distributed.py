@@ -54,9 +54,12 @@ the prefix needs a sequential chain (or an all-gather of K x K matrices and thei
 products), not one all-gather of states; `delta_rule` raises NotImplementedError.
 
 Backends: gloo (CPU, tests) and NCCL (GPU) both support all_gather_into_tensor and
-reduce_scatter_tensor. Benchmark: `python -m linbench.kernels.distributed --nproc 4
---seqlen 1M..8M` launches the ranks with torch's elastic launcher and prints tokens/s and
-peak memory per rank beside the one-process row (see `main`).
+reduce_scatter_tensor (all_gather_single / reduce_scatter_single in newer torch).
+
+Benchmark: `python -m linbench.kernels.distributed --nproc 4 --seqlen 1M..8M [--op gla]
+[--mode fwdbwd]` launches the ranks with torch's elastic launcher (fresh processes per
+row) and prints tokens/s and peak memory per rank beside the one-process row;
+`benchmark(nproc, T, ...)` is the same measurement as a function.
 """
 from __future__ import annotations
 
@@ -330,8 +333,10 @@ def _bench_worker(op: str, T: int, B: int, H: int, D: int, mode: str, repeats: i
         dist.destroy_process_group()
 
 
-def _launch(nproc: int, args) -> dict:
-    """Run _bench_worker on `nproc` fresh processes through torch's elastic launcher."""
+def benchmark(nproc: int, T: int, *, op="linear", mode="fwd", batch=1, heads=8, dim=64,
+              repeats=2, threads=1, backend="auto") -> tuple[float, int]:
+    """(seconds per call, max peak bytes over the ranks) of `op` over T tokens on `nproc`
+    fresh processes started by torch's elastic launcher (nproc=1: the one-device kernel)."""
     import socket
     import uuid
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -341,9 +346,9 @@ def _launch(nproc: int, args) -> dict:
     cfg = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex,
                        rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{port}", max_restarts=0,
                        monitor_interval=0.5)
-    return elastic_launch(cfg, _bench_worker)(args.op, args.T, args.batch, args.heads,
-                                               args.dim, args.mode, args.repeats,
-                                               args.threads, args.backend)
+    res = elastic_launch(cfg, _bench_worker)(op, T, batch, heads, dim, mode, repeats, threads,
+                                             backend)
+    return max(r[0] for r in res.values()), max(r[1] for r in res.values())
 
 
 def main(argv=None) -> None:
@@ -369,15 +374,14 @@ def main(argv=None) -> None:
           f"{args.threads} thread(s) per process")
     print(f"{'T':>10} {'procs':>5} {'tokens/s':>12} {'peak/rank':>10}")
     for T in args.seqlen:
-        args.T = T
         for nproc in (1, args.nproc):
             try:
-                res = _launch(nproc, args)
+                sec, peak = benchmark(nproc, T, op=args.op, mode=args.mode, batch=args.batch,
+                                      heads=args.heads, dim=args.dim, repeats=args.repeats,
+                                      threads=args.threads, backend=args.backend)
             except Exception as err:  # an OOM-killed worker, most often: keep the row
                 print(f"{T:>10} {nproc:>5} {'failed':>12} {type(err).__name__}", flush=True)
                 continue
-            sec = max(r[0] for r in res.values())
-            peak = max(r[1] for r in res.values())
             print(f"{T:>10} {nproc:>5} {T * args.batch / sec:>12.4g} {peak / 2**30:>8.2f}Gi",
                   flush=True)
 
