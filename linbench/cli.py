@@ -210,6 +210,9 @@ def _parsed(parse_name: str):
               help="Length of each timed loop.")
 @click.option("--model", default="smollm2-135m", show_default=True,
               help="Base model of the model-level modes (prefill, decode).")
+@click.option("--prefill-chunk", type=click.IntRange(min=1), default=4096, show_default=True,
+              help="Model level: tokens per chunk of a prefill (the state or KV cache is "
+                   "carried between chunks, activations stay O(chunk)).")
 @click.option("--results", "results_dir", default=DEFAULT_RESULTS, show_default=True,
               type=click.Path(file_okay=False), help="Results directory.")
 @click.option("--force", is_flag=True, help="Remeasure even when a finished record exists.")
@@ -218,7 +221,7 @@ def _parsed(parse_name: str):
               help="torch CPU threads (default: torch's; 1 is steadier on a shared machine). "
                    "Part of the recorded device, so rows with other thread counts never mix.")
 def speed(seqlens, methods, modes, batch, heads, dim, dtype, device, backend, time_cap,
-          mem_limit, target_seconds, model, results_dir, force, quiet, threads):
+          mem_limit, target_seconds, model, prefill_chunk, results_dir, force, quiet, threads):
     """Time every method over sequence length; one record per (method, mode, shape)."""
     from linbench import registry
     if threads:
@@ -243,7 +246,7 @@ def speed(seqlens, methods, modes, batch, heads, dim, dtype, device, backend, ti
                       heads or (32 if cuda else 8), dim or (128 if cuda else 64),
                       dtype or ("bfloat16" if cuda else "float32"), device, backend, time_cap,
                       model, results_dir, force, mem_limit and int(mem_limit * 2**30),
-                      target_seconds)
+                      target_seconds, prefill_chunk=prefill_chunk)
     records = sweep(cfg, echo=(lambda s: None) if quiet else (lambda s: click.echo(s, err=True)))
     for table in tables(records):
         click.echo(table + "\n")

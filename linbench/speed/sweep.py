@@ -56,6 +56,7 @@ class SpeedConfig:
     mem_limit: int | None = None     # bytes a shape may use (default: what the OS reports)
     target_s: float = 1.0            # length of each timed loop
     max_reps: int = 50
+    prefill_chunk: int = 4096        # model level: tokens per chunk of a prefill
 
 
 def _reusable(record: dict | None, cfg: SpeedConfig) -> dict | None:
@@ -112,7 +113,8 @@ class _Sweep:
         guards = {m: Guard() for m in modes}
         target = None
         for mode in modes:
-            cheaper = guards.get({"fwdbwd": "fwd", "decode": "prefill"}.get(mode))
+            # a decode row no longer pays a prefill of T (speed.targets.decode_cache)
+            cheaper = guards.get({"fwdbwd": "fwd"}.get(mode))
             warm = False
             for T in cfg.seqlens:
                 config = {"suite": {"name": SUITE, "version": SUITE_VERSION}, "level": level,
@@ -215,7 +217,8 @@ def sweep(cfg: SpeedConfig, echo=print, model: ModelSource | None = None) -> lis
 
             def build(name=name, method=method):
                 return model_target(name, method, method.linearize(source.load()).eval(),
-                                    cfg.device)
+                                    cfg.device, prefill_chunk=cfg.prefill_chunk)
             run.rows(name, "model", {"name": name, **method.config_dict()}, model_modes, build,
-                     {"batch": 1}, hashed, source.info, role=method.role)
+                     {"batch": 1, "prefill_chunk": cfg.prefill_chunk}, hashed, source.info,
+                     role=method.role)
     return run.out

@@ -211,14 +211,14 @@ def available_bytes(device) -> int:
     return min(avail) if avail else (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
 
 
-def _extrapolate(points: list[tuple[int, float]], T: int) -> float | None:
-    """y at T from the last two (T, y) points, y ~ T^p with p fitted and clamped to [1, 2]."""
+def _extrapolate(points: list[tuple[int, float]], T: int, lo: float = 1.0) -> float | None:
+    """y at T from the last two (T, y) points, y ~ T^p with p fitted and clamped to [lo, 2]."""
     pts = sorted(p for p in points if p[1] and p[1] > 0)
     if not pts:
         return None
     (t1, y1), (t2, y2) = (pts[-2] if len(pts) > 1 else pts[-1]), pts[-1]
     p = math.log(y2 / y1) / math.log(t2 / t1) if t2 > t1 else 1.0
-    return y2 * (T / t2) ** min(2.0, max(1.0, p))
+    return y2 * (T / t2) ** min(2.0, max(lo, p))
 
 
 class Guard:
@@ -242,7 +242,9 @@ class Guard:
         est_s = _extrapolate([(t, s) for t, s, _ in pts], T)
         if est_s is not None and est_s > cap_s:
             return "timeout", f"estimated {est_s:.3g} s > cap {cap_s:g} s; not run"
-        est_b = max(min_bytes, _extrapolate([(t, b) for t, _, b in pts], T) or 0)
+        # memory may be flat in T (a chunked prefill, a recurrent decode): exponent >= 0,
+        # what must grow (inputs, a KV cache) is in min_bytes
+        est_b = max(min_bytes, _extrapolate([(t, b) for t, _, b in pts], T, lo=0.0) or 0)
         if budget is not None and est_b > 0.9 * budget:
             return "oom", (f"estimated {est_b / 2**30:.3g} GiB > 90% of {budget / 2**30:.3g} "
                            f"GiB available; not run")
@@ -296,7 +298,10 @@ def run_shape(target, mode, T, cfg, dtype, device_name, guard, cheaper=None):
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    cost_s = setup_s if mode == "decode" else ms[0] / 1e3
+    setup = getattr(target, "setup", None)
+    if callable(setup) and setup(mode, T):
+        details["setup"] = setup(mode, T)  # how the inputs were built (model level)
+    cost_s = ms[0] / 1e3  # decode: one step (its set-up no longer grows like a prefill of T)
     details.update(peak_mem_bytes=mem.bytes, cost_s=round(cost_s, 6), setup_s=round(setup_s, 6))
     guard.observe(T, status, cost_s, mem.bytes)
     if status != "ok":
