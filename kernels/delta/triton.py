@@ -36,6 +36,11 @@ from linbench.kernels.triton_common import INTERPRET, mm, pow2
 _CHUNK = 32 if INTERPRET else 64  # fixed config: no autotuner under the interpreter
 # The sweep is fp32 state math: full-precision dots ("tf32" trades ~1e-3 error for speed).
 _PRECISION = "ieee"
+# Software-pipelining stages of the sweeps' chunk loops. Triton's default (3) keeps extra
+# copies of every loaded tile in shared memory: the backward at K = V = 128 then needs
+# 296 KB, over the 227 KB an sm_90 block may use (it would not launch on an H100/H200),
+# and spills more (python -m linbench.kernels.compile). One stage: 48 KB, and the same math.
+_STAGES = 1
 
 
 @triton.jit
@@ -148,7 +153,7 @@ class _DeltaSweep(torch.autograd.Function):
         _delta_fwd_kernel[grid](w, u, qg, kd, gl, s0 if s0 is not None else sf, vn, o, sf,
                                 ckpt, NT, seg, ns, K=K, V=V, C=chunk, BK=pow2(K), BV=bv,
                                 HAS_S0=s0 is not None, STORE_CKPT=True, PREC=_PRECISION,
-                                num_warps=_num_warps(chunk, K))
+                                num_warps=_num_warps(chunk, K), num_stages=_STAGES)
         ctx.save_for_backward(w, qg, kd, gl, vn, ckpt)
         ctx.cfg = (chunk, seg, bv, s0 is not None)
         return vn, o, sf
@@ -171,7 +176,7 @@ class _DeltaSweep(torch.autograd.Function):
             w, qg, kd, gl, vn, dvn, do, dsf.float().contiguous() if dsf is not None else ds0,
             ckpt, scratch, du, dw, dqg, dkd, dgl, ds0, NT, seg, ns, B * H, K=K, V=V, C=chunk,
             BK=pow2(K), BV=bv, HAS_DSF=dsf is not None, PREC=_PRECISION,
-            num_warps=_num_warps(chunk, K))
+            num_warps=_num_warps(chunk, K), num_stages=_STAGES)
         return (dw.sum(0), du, dqg.sum(0), dkd.sum(0), dgl.sum(0), ds0 if has_s0 else None,
                 None, None, None)
 
