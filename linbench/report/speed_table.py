@@ -25,6 +25,28 @@ def _value(rec: dict, name: str):
     return m.get("value") if m else None
 
 
+def setup_notes(recs: list[dict]) -> list[str]:
+    """How model-level inputs were built (details["setup"] of linbench speed): one note per
+    distinct prefill chunk and decode set-up, with the methods that share it. A decode row
+    times one-token steps (its ms is ms per token) from a cache at position T, which may
+    come from fewer real tokens than T: the step costs the same for any cache of that shape."""
+    groups: dict[str, list[str]] = {}
+    for r in recs:
+        d, setup = _details(r), _details(r).get("setup")
+        if not isinstance(setup, dict):
+            continue
+        if d.get("mode") == "prefill":
+            text = f"prefill in chunks of {setup.get('prefill_chunk')} tokens, state or KV cache carried"
+        else:
+            how = str(setup.get("decode_cache", "?"))
+            how = how.replace(f"position {d.get('seqlen')}", "position T")
+            text = f"decode: ms per token; cache at T: {how}"
+        who = groups.setdefault(text, [])
+        if r.get("method") not in who:
+            who.append(r.get("method"))
+    return [f"{text} ({', '.join(map(str, who))})" for text, who in groups.items()]
+
+
 def speed_table(recs: list[dict]):
     """(columns, rows, notes, title) for the records of one speed key, in row order."""
     parents = {(_details(r).get("mode"), _details(r).get("seqlen")): r
@@ -62,6 +84,7 @@ def speed_table(recs: list[dict]):
         if r.get("status") != "ok":
             notes.append(f"{r.get('method')} {d.get('mode')} T={d.get('seqlen')}: {r.get('status')}"
                          + (f": {why}" if (why := r.get("error") or d.get("note")) else ""))
+    notes += setup_notes(recs)
     first, d0 = recs[0], _details(recs[0])
     v = first.get("versions") or {}
     model = first.get("model") or {}

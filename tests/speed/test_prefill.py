@@ -157,3 +157,28 @@ def test_head_rms_norm_equals_its_unfused_form():
     gs = torch.autograd.grad(slow.square().sum(), (o, norm.weight))
     for a, b in zip(gf, gs):
         torch.testing.assert_close(a, b)
+
+
+def test_model_level_rows_render_with_their_setup():
+    """The report's speed table (and plot) take model-level prefill / decode rows, with a
+    note saying how each mode's inputs were built."""
+    from linbench.report.build import build_tables
+    from linbench.report.plots import speed_figure
+    from tests.report.records import speed
+    recs = []
+    for method in ("softmax", "gla"):
+        for mode in ("prefill", "decode"):
+            for T in (1024, 4096):
+                r = speed(method, mode, T)
+                r["details"].update(level="model", layers=2, setup={"prefill_chunk": 512} if
+                                    mode == "prefill" else {"prefill_chunk": 512, "decode_prefix": 512,
+                                    "decode_cache": f"512 real tokens, cache advanced to position {T}"})
+                recs.append(r)
+    (table,) = build_tables(recs)
+    assert table.kind == "speed" and "model level" in table.title and len(table.rows) == 8
+    assert "prefill in chunks of 512 tokens, state or KV cache carried (softmax, gla)" in table.notes
+    assert ("decode: ms per token; cache at T: 512 real tokens, cache advanced to position T "
+            "(softmax, gla)") in table.notes
+    fig = speed_figure(table, {"softmax": "k", "gla": "b"})
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    assert {"softmax prefill", "softmax decode", "gla prefill", "gla decode"} <= set(labels)
