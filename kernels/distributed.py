@@ -31,15 +31,18 @@ one (B, H, K, V + 1) state per rank forward and backward, independent of T.
 
 Window hybrid (LoLCATs: softmax over the last `window` keys, linear attention on older
 keys, one shared normalizer). A halo exchange gives each rank the `window` keys, values
-and key features before its slice (one all-gather of every rank's last `window` tokens;
-its backward is a reduce-scatter that returns the halo gradients to their owners). The
-linear part's prefix state P_r = sum over tokens j < t0 - window of fk_j [v_j, 1]^T
-(t0: the slice start) goes through `_PrefixState` as above (no decay). The local call is
-the unchanged single-device kernel (any backend) on [prefix tokens, halo, slice]: the
-prefix state enters as F virtual tokens (token f: feature P[f, V] e_f, value
-P[f, :V] / P[f, V]), which reproduce fq . P exactly and sit out of every local query's
-window. Exact for feature maps whose per-feature sums are nonzero or whose numerator is
-zero with them (nonnegative feature maps: LoLCATs' softmax / exp features).
+and key features before its slice (one all-gather of every rank's last `window` tokens,
+so a halo may span several short slices; its backward is a reduce-scatter that returns
+the halo gradients to their owners). The linear part's prefix state P_r = sum over
+tokens j < t0 - window of fk_j [v_j, 1]^T (t0: the slice start) goes through
+`_PrefixState` as above (no decay). The local call is the unchanged single-device kernel
+(any backend) on [prefix tokens, halo, slice]: the prefix state enters as F virtual
+tokens (token f: feature P[f, V] e_f, value P[f, :V] / P[f, V]) that reproduce fq . P
+exactly and sit out of every local query's window; their outputs and the halo's are
+dropped (F + window extra tokens per rank). Exact whenever each feature's prefix sum
+P[f, V] is nonzero or its row P[f, :V] is zero with it: always for nonnegative feature
+maps such as LoLCATs' softmax / exp features. Collectives: three forward (slice lengths,
+halo, prefix state), two backward.
 
 Conventions. Gradients follow the data-parallel rule: the loss is the sum of the ranks'
 losses, every rank runs backward, and a parameter shared by all ranks (decay, gamma)

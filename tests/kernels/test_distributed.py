@@ -174,3 +174,15 @@ def test_local_slice_is_balanced_and_contiguous(monkeypatch):
         assert all(a.stop == b.start for a, b in zip(slices, slices[1:]))
         lengths = [s.stop - s.start for s in slices]
         assert max(lengths) - min(lengths) <= 1
+
+
+def test_benchmark_arguments(capsys):
+    """--seqlen ranges are powers of two; bad values are one line and exit code 2."""
+    import linbench.kernels.distributed as lasp
+    assert lasp._lengths_arg("1M..8M") == [1 << 20, 1 << 21, 1 << 22, 1 << 23]
+    assert lasp._lengths_arg("256k,4096") == [1 << 18, 4096]
+    for argv, bad in [(["--seqlen", "1X"], "'1X'"), (["--nproc", "1"], "--nproc")]:
+        with pytest.raises(SystemExit) as exit_:
+            lasp.main(argv)
+        assert exit_.value.code == 2
+        assert bad in capsys.readouterr().err
