@@ -90,6 +90,9 @@ class LinearConfig(MethodConfig):
     transfer: str | None = "mse"               # "mse" (outputs before o_proj) | "ce" | None
     transfer_lr: float = 1e-2
     transfer_weight: float = 1000.0            # LoLCATs: 1000 x mean-over-layers MSE
+    # 0: all layers at once; K: block-wise, blocks of K decoder layers trained one after
+    # another on cached teacher inputs (methods/README.md, "Block-wise transfer")
+    transfer_blocks: int = 0
     # stage 2: LoRA through peft
     lora_r: int = 8                            # 0 = no LoRA stage
     adapter: str = "lora"                      # one of ADAPTERS (methods/README.md, "Adapters")
@@ -109,6 +112,10 @@ class LinearConfig(MethodConfig):
         auto_softmax(self)
         if self.adapter not in ADAPTERS:
             raise one_of("adapter", self.adapter, ADAPTERS)
+        if not isinstance(self.transfer_blocks, int) or isinstance(self.transfer_blocks, bool) \
+                or self.transfer_blocks < 0:
+            raise LinbenchError(f"transfer_blocks: bad value {self.transfer_blocks!r}; valid: 0 "
+                                f"(joint transfer) or K >= 1 decoder layers per block")
 
 
 def auto_softmax(config) -> tuple[str, int] | None:

@@ -129,6 +129,7 @@ def recover(method, model, data, budget, *, seed: int = 0, progress: bool = Fals
         if done_dir is not None:
             _save_stage(model, done_dir)
             (ckpt / f"{name}.state.pt").unlink(missing_ok=True)
+            shutil.rmtree(ckpt / f"{name}.blocks", ignore_errors=True)  # block-wise transfer's
     model.config.linbench = {**model.config.linbench, "recovery": stages}
     return model.eval()
 
@@ -239,6 +240,11 @@ def _transfer(cfg, model, train, val, plan: Plan):
         return cfg.transfer_weight * torch.stack([l.transfer_loss.float() for l in layers]).mean()
 
     ppl_before = _ppl(model, val, plan)
+    if getattr(cfg, "transfer_blocks", 0):  # block-wise on cached teacher inputs
+        from linbench.recovery import blockwise
+        res, info = blockwise.transfer(cfg, model, train, val, plan, trainable=_trainable,
+                                       transfer_mode=_transfer_mode)
+        return model, {**_stage("transfer", res, ppl_before, _ppl(model, val, plan)), **info}
     obj = Objective("transfer", params, loss, cfg.transfer_lr, cfg.weight_decay, cfg.max_grad_norm)
     with _trainable(model, params), _transfer_mode(layers, cfg.transfer):
         res = fit(obj, model, train, val, plan)
