@@ -53,11 +53,12 @@ def transfer(method, model, p, **kw):
     return recovery._transfer(method.config, model, *data(**kw), p)
 
 
-def test_one_layer_blocks_equal_joint_transfer():
-    method, model = linearized()
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+def test_one_layer_blocks_equal_joint_transfer(loss):
+    method, model = linearized(transfer=loss)
     before = trained(model)
     model, joint = transfer(method, model, plan())
-    bmethod, bmodel = linearized(transfer_blocks=1)
+    bmethod, bmodel = linearized(transfer_blocks=1, transfer=loss)
     bmodel, blocks = transfer(bmethod, bmodel, plan())
     a, b = trained(model), trained(bmodel)
     assert a.keys() == b.keys() and len(a) >= LAYERS
