@@ -133,8 +133,12 @@ def _delta_bwd_kernel(W, QG, KD, GL, VN, DVX, DO, DSF, CKPT, SCR, DU, DW, DQG, D
 
 
 def _num_warps(chunk: int, k: int) -> int:
-    """4 warps, 8 when the (C, K) tiles get large (untuned guess: not yet timed on a GPU)."""
-    return 8 if chunk * pow2(k) >= 8192 else 4
+    """8 warps. Not timed on a GPU; chosen with ptxas for sm_90a (python -m
+    linbench.kernels.compile): at K = V = 64, 4 warps and BV 64 compiled to 32 registers
+    and ~10 KB of spills per thread in both sweeps, 8 warps and BV 32 to 255 registers and
+    0.3-0.5 KB. At K = V = 128 (BV 32) the forward still spills ~6 KB per thread: its fp32
+    FMA dots ("ieee") hold whole (C, K) tiles in registers."""
+    return 8
 
 
 class _DeltaSweep(torch.autograd.Function):
@@ -217,7 +221,7 @@ def delta_rule(q, k, v, beta, *, g=None, scale=None, initial_state=None,
     flat = lambda x: x.reshape(B, H, NT * C, x.shape[-1]).contiguous()  # noqa: E731
     s0 = None if initial_state is None else initial_state.float().contiguous()
     seg = _seg or max(1, math.isqrt(NT - 1) + 1)  # ~sqrt(NT) chunks per checkpoint
-    bv = _bv or (pow2(V) if INTERPRET else min(pow2(V), 64 if K <= 64 else 32))
+    bv = _bv or (pow2(V) if INTERPRET else min(pow2(V), 32))  # see _num_warps
     vn, o_inter, sf = _DeltaSweep.apply(flat(w), flat(u), flat(qg), flat(kd), gl.contiguous(),
                                         s0, C, seg, bv)
     vn = vn.view(B, H, NT, C, V)
