@@ -3,7 +3,7 @@ the H100/H200), and report each one's registers, spills and shared memory.
 
     python -m linbench.kernels.compile [--capability 90] [--dtypes fp32,fp16,bf16]
         [--dims 64,128] [--kernels a,b] [--stage cubin|ptx|ttir] [--max-spills N]
-        [--autotune] [--json PATH]
+        [--quick] [--autotune] [--list] [--json PATH]
 
 Where the launch configs come from: nowhere in this file. Each op's own Python launcher
 (linbench.kernels.<op>.triton, forward and backward) runs on small CPU tensors built by
@@ -24,9 +24,13 @@ n_spills = the per-thread local memory (the stack frame ptxas spills into) / 4 b
 Shared memory is triton's own figure (metadata.shared); over the target's per-block limit
 the launch would fail on the GPU, so it counts as a failure here.
 
-Exit code 1 when a launch does not compile, needs more shared memory than the GPU has, or
-spills more than --max-spills; the table is printed either way. Compiles are cached in
-triton's cache (TRITON_CACHE_DIR), so a second run is fast. Run it in its own process:
+Exit code 1 when a launch does not compile, needs more shared memory than the GPU has,
+spills more than --max-spills, or when a kernel of the package is never launched (or a
+launcher fails); the table is printed either way. --quick compiles only the first launch
+of each kernel through ptxas and the others through the frontend (the CI test);
+--autotune captures the LINBENCH_TRITON_AUTOTUNE=1 configs instead of the fixed ones.
+Compiles are cached in triton's cache (TRITON_CACHE_DIR), so a second run is fast.
+Run it in its own process:
 the driver stand-in and TRITON_INTERPRET must not meet real launches.
 """
 from __future__ import annotations
@@ -159,7 +163,8 @@ def targeting(target):
 
 def workloads(names, dtypes=DTYPES, dims=DIMS, shape=SHAPE):
     """[(label, run)]: run() calls op `name`'s Triton launcher forward and backward on CPU
-    tensors, for each variant, dtype, head dim, with and without states."""
+    tensors, for each variant, dtype, head dim, with and without states (initial and
+    final state, and a learnable decay, on or off together)."""
     import torch
 
     from linbench.kernels import triton as kt
@@ -185,8 +190,11 @@ def _runner(fn, name, dtype, d, states, shape):
         if not states:
             kw.pop("initial_state", None)
             kw.pop("output_final_state", None)
+        # with states every floating input is differentiated (the full gradient path);
+        # without, the fixed decay stays a constant, as lightning's buffer is
         leaves = [t for t in list(args) + list(kw.values())
-                  if torch.is_tensor(t) and t.is_floating_point()]
+                  if torch.is_tensor(t) and t.is_floating_point()
+                  and (states or t is not kw.get("decay"))]
         for t in leaves:
             t.requires_grad_()
         outs = [o for o in _outputs(fn(*args, **kw)) if o.requires_grad]
@@ -232,14 +240,20 @@ def unlaunched(launches, folders=None) -> list[str]:
                   if n not in seen and (folders is None or n.split(".")[0] in folders))
 
 
-def capture(items, target):
+def capture(items, target, errors=None):
     """Run each (label, run) against `target`; the distinct launches, in first-seen order,
-    each with the labels of the workloads that made it."""
+    each with the labels of the workloads that made it. A workload that raises goes to
+    `errors` ("label: error") when a list is given, else the error propagates."""
     launches = {}
     with targeting(target) as seen:
         for label, run in items:
             start = len(seen)
-            run()
+            try:
+                run()
+            except Exception as e:  # noqa: BLE001 - reported, the other workloads go on
+                if errors is None:
+                    raise
+                errors.append(f"{label}: launcher failed: {type(e).__name__}: {e}"[:400])
             for launch in seen[start:]:
                 key = (id(launch.fn), repr(sorted(launch.signature.items())),
                        repr(sorted(launch.constants.items(), key=str)),
@@ -358,15 +372,16 @@ def failures(rows, capability, max_spills=MAX_SPILLS):
             bad.append(f"{where}: {r['status']}")
             continue
         if limit and r.get("shared", 0) > limit:
-            bad.append(f"{where}: {r['shared']} bytes of shared memory > {limit} on sm_{capability}")
+            bad.append(f"{where}: {r['shared']} bytes of shared memory > {limit} "
+                       f"on sm_{capability}")
         if r.get("spills", 0) > max_spills:
             bad.append(f"{where}: {r['spills']} spills > {max_spills}")
     return bad
 
 
 def table(rows) -> str:
-    head = f"{'kernel':34s} {'dtype':9s} {'regs':>4s} {'spills':>6s} {'smem KB':>7s} {'s':>5s}  config"
-    lines = [head]
+    lines = [f"{'kernel':34s} {'dtype':9s} {'regs':>4s} {'spills':>6s} {'smem KB':>7s} "
+             f"{'s':>5s}  config"]
     for r in rows:
         ok = r["status"] == "ok"
         regs = str(r.get("regs", "-")) if ok else "FAIL"
@@ -394,7 +409,8 @@ def main(argv=None) -> int:
     p.add_argument("--stage", default="cubin", choices=STAGES,
                    help="stop after this stage (default cubin: through ptxas)")
     p.add_argument("--max-spills", type=int, default=MAX_SPILLS,
-                   help=f"fail a launch spilling more 4-byte words per thread (default {MAX_SPILLS})")
+                   help="fail a launch spilling more 4-byte words per thread "
+                        f"(default {MAX_SPILLS})")
     p.add_argument("--autotune", action="store_true",
                    help="the configs of LINBENCH_TRITON_AUTOTUNE=1 instead of the fixed ones")
     p.add_argument("--quick", action="store_true",
@@ -413,7 +429,8 @@ def main(argv=None) -> int:
         dims = [int(d) for d in args.dims.split(",") if d]
     except ValueError:
         p.error(f"--dims must be comma-separated integers, got {args.dims!r}")
-    if "linbench.kernels.triton_common" in sys.modules and os.environ.get("TRITON_INTERPRET") == "1":
+    if ("linbench.kernels.triton_common" in sys.modules
+            and os.environ.get("TRITON_INTERPRET") == "1"):
         p.error("the Triton kernels were imported for the interpreter; run in a fresh process")
     os.environ.pop("TRITON_INTERPRET", None)  # the GPU configs, not the interpreter's
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton's default, stated
@@ -428,16 +445,19 @@ def main(argv=None) -> int:
             print(f"ptxas cannot run here ({problem}): compiling to PTX only", flush=True)
             stage = "ptx"
     start = time.perf_counter()
-    launches = capture(workloads(names, dtypes, dims), target)
+    errors = []
+    launches = capture(workloads(names, dtypes, dims), target, errors)
     print(f"{len(launches)} distinct launches for sm_{args.capability} "
           f"({time.perf_counter() - start:.1f} s to capture)", flush=True)
-    missing = unlaunched(launches, {OPS[n] for n in names})
-    for name in missing:
-        print(f"FAIL {name}: a Triton kernel that no workload launches")
+    folders = {OPS[n] for n in names}
+    bad = errors + [f"{n}: a Triton kernel that no workload launches"
+                    for n in unlaunched(launches, folders)]
     if args.list:
         for launch in launches:
             print(f"{launch.kernel:34s} {launch.dtype:9s} {launch.config}")
-        return 1 if missing else 0
+        for line in bad:
+            print("FAIL " + line)
+        return 1 if bad else 0
     full = {id(x) for x in (first_per_kernel(launches) if args.quick else launches)}
     rows = []
     for launch in launches:
@@ -446,8 +466,7 @@ def main(argv=None) -> int:
         print(f"  {r['kernel']} {r['dtype']} {r['seconds']:.1f} s {r['status'][:60]}",
               file=sys.stderr, flush=True)
     print(table(rows))
-    bad = failures(rows, args.capability, args.max_spills)
-    bad += [f"{name}: a Triton kernel that no workload launches" for name in missing]
+    bad = failures(rows, args.capability, args.max_spills) + bad
     for line in bad:
         print("FAIL " + line)
     total = time.perf_counter() - start
@@ -456,7 +475,8 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"capability": args.capability, "stage": stage, "rows": rows,
-                       "kernels": sorted(jit_kernels()), "failures": bad}, f, indent=1)
+                       "kernels": sorted(n for n in jit_kernels() if n.split(".")[0] in folders),
+                       "failures": bad}, f, indent=1)
     return 1 if bad else 0
 
 

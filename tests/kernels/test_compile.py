@@ -68,3 +68,18 @@ def test_ptxas_runs_here(report):
         pytest.skip(f"ptxas/cuobjdump of the triton wheel do not run here ({problem}): "
                     "the kernels were compiled to PTX only")
     assert report[1]["stage"] == "cubin"
+
+
+def test_failures_name_what_would_not_run_on_the_gpu():
+    """The check can fail: a compile error, shared memory over sm_90's 227 KB per block,
+    spills over the backstop; a spilling launch under it only reports."""
+    from linbench.kernels.compile import MAX_SPILLS, failures
+    row = dict(kernel="op._k", dtype="bf16", config="BK=64 w8 s2", status="ok", regs=128,
+               spills=0, shared=1024)
+    assert failures([row], 90) == []
+    assert failures([dict(row, spills=MAX_SPILLS // 2)], 90) == []
+    bad = [dict(row, status="error: CompilationError: x"), dict(row, shared=232449),
+           dict(row, spills=MAX_SPILLS + 1)]
+    out = failures(bad, 90)
+    assert len(out) == 3 and "CompilationError" in out[0] and "232449" in out[1] \
+        and f"{MAX_SPILLS + 1} spills" in out[2]
