@@ -26,8 +26,11 @@ validation, early stopping and best-weight restore are per block. Without clippi
 (max_grad_norm = 0) and with best weights at the same step, 1-layer blocks give the
 joint stage's parameters (tests/recovery/test_blockwise.py).
 
-`blocks_for(n, rank, world)` assigns blocks to ranks; this module runs all blocks in
-one process (rank 0 of 1).
+Ranks: `blocks_for(n, rank, world)` gives each rank a contiguous run of blocks; a rank
+caches and trains only its own (`train_blocks`), and after a barrier every rank stitches
+all block files from the shared checkpoint dir (`finish`). recovery.stages runs one
+process (rank 0 of 1); the multi-process path is tested by running the ranks' parts in
+turn, not under torch.distributed.
 """
 from __future__ import annotations
 
@@ -291,47 +294,75 @@ def work_dir(plan: Plan) -> Path | None:
 
 def transfer(cfg, model, train: torch.Tensor, val: torch.Tensor, plan: Plan, *,
              trainable, transfer_mode, rank: int = 0, world: int = 1) -> tuple[Result, dict]:
-    """Block-wise stage 1 on `train` (rows, T) ids: cache, train this rank's blocks one
-    after another, stitch; returns the combined Result and what the record keeps."""
-    from linbench.methods.attention import linearized_layers
-    k = cfg.transfer_blocks
-    groups = blocks(model, k)
-    n_linear = len(linearized_layers(model))
-    rows = train[:plan.steps * plan.batch]
+    """Block-wise stage 1 on `train` (rows, T) ids: this rank's blocks (`train_blocks`),
+    then, once every rank is done (torch.distributed barrier when world > 1), all blocks
+    stitched into `model` (`finish`). Returns the combined Result and the record's extras."""
     folder = work_dir(plan)
     temp = folder is None
+    if temp and world > 1:
+        raise LinbenchError("block-wise transfer over several ranks needs a checkpoint dir "
+                            "that all ranks share (the block files meet there)")
     folder = Path(tempfile.mkdtemp(prefix="linbench-blocks-")) if temp else folder
-    folder.mkdir(parents=True, exist_ok=True)
     try:
-        meta = write_cache(model, {"train": rows, "val": val}, [g[0] for g in groups],
-                           folder / "cache", plan)
-        parts = {}
-        for b in blocks_for(len(groups), rank, world):
-            done, info = folder / f"block{b}.safetensors", folder / f"block{b}.json"
-            if not (done.exists() and info.exists()):
-                bp = dataclasses.replace(plan, state_path=None if temp else folder / f"block{b}.state.pt")
-                res = train_block(cfg, model, groups[b], inputs(folder / "cache", meta, "train", b),
-                                  inputs(folder / "cache", meta, "val", b), bp, n_linear,
-                                  trainable, transfer_mode)
-                _atomic(info, lambda p, r=res: p.write_text(json.dumps(_summary(r))))
-                params = {n: p.detach().to("cpu").contiguous()
-                          for n, p in block_parameters(model, groups[b]).items()}
-                _atomic(done, lambda p, t=params: save_file(t, str(p)))
-                if bp.state_path is not None:
-                    Path(bp.state_path).unlink(missing_ok=True)
-            parts[b] = json.loads(info.read_text())
-        stitch(model, [folder / f"block{b}.safetensors" for b in sorted(parts)])
-        cache_bytes = sum(f.stat().st_size for f in (folder / "cache").glob("*.safetensors"))
-        shutil.rmtree(folder / "cache", ignore_errors=True)
+        train_blocks(cfg, model, train, val, plan, folder, trainable=trainable,
+                     transfer_mode=transfer_mode, rank=rank, world=world)
+        if world > 1:
+            torch.distributed.barrier()
+        return finish(model, folder, cfg.transfer_blocks)
     finally:
         if temp:
             shutil.rmtree(folder, ignore_errors=True)
-    res = _combine([parts[b] for b in sorted(parts)])
-    info = {"transfer_blocks": k, "cache_bytes": cache_bytes,
-            "blocks": [{"layers": groups[b], **{x: parts[b][x] for x in
-                        ("steps", "seconds", "stopped", "best_step")},
-                        "final_loss": _final(parts[b]["curve"])} for b in sorted(parts)]}
-    return res, info
+
+
+def train_blocks(cfg, model, train, val, plan: Plan, folder, *, trainable, transfer_mode,
+                 rank: int = 0, world: int = 1) -> list[int]:
+    """Cache the inputs of rank `rank`'s blocks (blocks_for) in folder/cache.rank<r>, train
+    them one after another (a finished block, one with its files in `folder`, is skipped;
+    an interrupted one resumes from its state file when plan.state_path is set), write
+    each block's new parameters and summary; remove the cache. Returns the blocks done."""
+    from linbench.methods.attention import linearized_layers
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    groups = blocks(model, cfg.transfer_blocks)
+    n_linear = len(linearized_layers(model))
+    mine = blocks_for(len(groups), rank, world)
+    todo = [b for b in mine if not (folder / f"block{b}.safetensors").exists()]
+    cache = folder / f"cache.rank{rank}"
+    if todo:  # the inputs of all this rank's blocks: a resumed run finds the same cache
+        meta = write_cache(model, {"train": train[:plan.steps * plan.batch], "val": val},
+                           [groups[b][0] for b in mine], cache, plan)
+    for b in todo:
+        j = mine.index(b)
+        bp = dataclasses.replace(plan, state_path=None if plan.state_path is None
+                                 else folder / f"block{b}.state.pt")
+        res = train_block(cfg, model, groups[b], inputs(cache, meta, "train", j),
+                          inputs(cache, meta, "val", j), bp, n_linear, trainable, transfer_mode)
+        size = sum(f.stat().st_size for f in cache.glob(f"*.b{j}.s*.safetensors"))
+        info = {**_summary(res), "layers": groups[b], "cache_bytes": size}
+        _atomic(folder / f"block{b}.json", lambda p: p.write_text(json.dumps(info)))
+        params = {n: p.detach().to("cpu").contiguous()
+                  for n, p in block_parameters(model, groups[b]).items()}
+        _atomic(folder / f"block{b}.safetensors", lambda p: save_file(params, str(p)))
+        if bp.state_path is not None:
+            Path(bp.state_path).unlink(missing_ok=True)
+    shutil.rmtree(cache, ignore_errors=True)
+    return mine
+
+
+def finish(model, folder, k: int) -> tuple[Result, dict]:
+    """Stitch every block's file into `model`; the combined Result and the record's extras."""
+    folder = Path(folder)
+    n = len(blocks(model, k))
+    missing = [b for b in range(n) if not (folder / f"block{b}.safetensors").exists()]
+    if missing:
+        raise RuntimeError(f"block-wise transfer: blocks {missing} of {n} have no trained "
+                           f"parameters in {folder}")
+    stitch(model, [folder / f"block{b}.safetensors" for b in range(n)])
+    parts = [json.loads((folder / f"block{b}.json").read_text()) for b in range(n)]
+    info = {"transfer_blocks": k, "cache_bytes": sum(p["cache_bytes"] for p in parts),
+            "blocks": [{**{x: p[x] for x in ("layers", "steps", "seconds", "stopped", "best_step")},
+                        "final_loss": _final(p["curve"])} for p in parts]}
+    return _combine(parts), info
 
 
 def _final(curve) -> float | None:

@@ -104,7 +104,7 @@ class Stop(Exception):
     pass
 
 
-def test_two_layer_blocks_run_stitch_resume_and_clean_up(tmp_path):
+def test_two_layer_blocks_run_stitch_resume_and_clean_up(tmp_path, monkeypatch):
     method, model = linearized(transfer_blocks=2)
     before = trained(model)
     model, stage = transfer(method, model, plan(tmp_path / "a"))
@@ -114,7 +114,7 @@ def test_two_layer_blocks_run_stitch_resume_and_clean_up(tmp_path):
     assert stage["transfer_blocks"] == 2 and 0 <= stage["cache_bytes"] - payload < 1024  # + headers
     assert sum(not torch.equal(want[n], before[n]) for n in want) >= LAYERS
     work = tmp_path / "a" / "transfer.blocks"
-    assert not (work / "cache").exists() and sorted(f.name for f in work.iterdir()) == [
+    assert sorted(f.name for f in work.iterdir()) == [
         "block0.json", "block0.safetensors", "block1.json", "block1.safetensors"]
     # the block files stitch a fresh model into the trained one
     _, fresh = linearized(transfer_blocks=2)
@@ -133,14 +133,43 @@ def test_two_layer_blocks_run_stitch_resume_and_clean_up(tmp_path):
         transfer(method, model, plan(tmp_path / "b", on_step=stop))
     work = tmp_path / "b" / "transfer.blocks"
     assert (work / "block0.safetensors").exists() and (work / "block1.state.pt").exists()
-    assert (work / "cache" / "cache.json").exists()
+    shard = work / "cache.rank0" / "train.b1.s0.safetensors"   # block 1's first rows
+    stamps, write = [shard.stat().st_mtime_ns], blockwise.write_cache
+
+    def write_and_stamp(*args, **kwargs):
+        meta = write(*args, **kwargs)
+        stamps.append(shard.stat().st_mtime_ns)
+        return meta
+    monkeypatch.setattr(blockwise, "write_cache", write_and_stamp)
     seen.clear()
     _, model = linearized(transfer_blocks=2)
     model, again = transfer(method, model, plan(tmp_path / "b", on_step=seen.append))
     assert [s.step for s in seen] == [2, 3, 4]   # block 1 from its last saved step (1) on
     assert all(torch.equal(trained(model)[n], want[n]) for n in want)
     assert again["curve"] == stage["curve"]
-    assert not (work / "cache").exists() and not (work / "block1.state.pt").exists()
+    assert stamps[0] == stamps[1]                   # the cache was reused, not rewritten
+    assert not (work / "cache.rank0").exists() and not (work / "block1.state.pt").exists()
+
+
+def test_ranks_train_their_own_blocks_and_stitch_all(tmp_path):
+    """What each of 2 ranks does (run in turn here): the same model as one process."""
+    method, model = linearized(transfer_blocks=1)
+    want = trained(transfer(method, model, plan())[0])
+    _, model = linearized(transfer_blocks=1)
+    train, val = data()
+    kw = {"trainable": recovery._trainable, "transfer_mode": recovery._transfer_mode}
+    assert blockwise.train_blocks(method.config, model, train, val, plan(), tmp_path, rank=1,
+                                  world=2, **kw) == [2, 3]
+    with pytest.raises(RuntimeError, match=r"blocks \[0, 1\] of 4 have no trained parameters"):
+        blockwise.finish(model, tmp_path, 1)
+    _, model = linearized(transfer_blocks=1)       # rank 0: a model of its own
+    assert blockwise.train_blocks(method.config, model, train, val, plan(), tmp_path, rank=0,
+                                  world=2, **kw) == [0, 1]
+    _, stage = blockwise.finish(model, tmp_path, 1)
+    assert [x["layers"] for x in stage["blocks"]] == [[0], [1], [2], [3]]
+    assert all(torch.equal(trained(model)[n], want[n]) for n in want)
+    with pytest.raises(LinbenchError, match="needs a checkpoint dir"):
+        blockwise.transfer(method.config, model, train, val, plan(), rank=0, world=2, **kw)
 
 
 def test_without_a_checkpoint_dir_nothing_is_left_behind(tmp_path, monkeypatch):
