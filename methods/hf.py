@@ -43,7 +43,8 @@ class _Loader:
     def from_pretrained(cls, path, *model_args, config=None, dtype=None, torch_dtype=None,
                         device_map=None, **hub_kwargs):
         """Load `path` (a local directory). dtype: a torch dtype, its name, or None / "auto"
-        (the checkpoint's); device_map: one device (None: CPU). Hub arguments are ignored."""
+        (the checkpoint's); device_map: one device (None: CPU; "auto": CUDA if available).
+        Hub arguments are ignored."""
         import torch
 
         from linbench.methods import io
@@ -53,6 +54,8 @@ class _Loader:
         if isinstance(device_map, dict):
             raise ValueError("device_map must be one device for a linearized model; "
                              "load it, then .to(device)")
+        if device_map == "auto":
+            device_map = "cuda" if torch.cuda.is_available() else "cpu"
         want = dtype if dtype is not None else torch_dtype
         if want is None or want == "auto":
             want = getattr(config, "dtype", None) or "float32"
