@@ -156,15 +156,14 @@ class PrefixReuseLM(HFLM):
             item = items.setdefault(tuple(ctx + cont)[:-1], Item(tuple(ctx + cont)[:-1]))
             item.span = max(item.span, len(cont))
             item.requests.append(r)
+        items = list(items.values())
+        groups = plan_groups(items, self.min_prefix)
+        bs = max(int(self.batch_size if isinstance(self.batch_size, int) else override_bs or 1), 1)
+        checked = self._check(items, groups) if not self._checked else None
         if long:
             for r, ans in zip(long, super()._loglikelihood_tokens([requests[r] for r in long],
                                                                  disable_tqdm, override_bs)):
                 res[r] = ans
-        items = list(items.values())
-        groups = plan_groups(items, self.min_prefix)
-        bs = self.batch_size if isinstance(self.batch_size, int) else (override_bs or 1)
-        if not self._checked:
-            self._check(items, groups)
         pbar = tqdm(total=len(requests) - len(long), disable=disable_tqdm or self.rank != 0,
                     desc="Running loglikelihood requests (prefix reuse)")
         self.stats["inputs"] += len(items)
@@ -172,10 +171,11 @@ class PrefixReuseLM(HFLM):
         for members, p in groups:
             self.stats["shared_groups"] += bool(p)
             self.stats["tokens_run"] += p + sum(len(items[i].tokens) - p for i in members)
-            cache = self._prefix_cache(items[members[0]].tokens[:p]) if p else None
+            head = items[members[0]].tokens[:p]
+            cache = (checked[1] if checked and checked[0] == head else self._prefix_cache(head)) if p else None
             members = sorted(members, key=lambda i: -len(items[i].tokens))  # as HFLM: little padding
-            for b0 in range(0, len(members), max(int(bs), 1)):
-                batch = [items[i] for i in members[b0:b0 + max(int(bs), 1)]]
+            for b0 in range(0, len(members), bs):
+                batch = [items[i] for i in members[b0:b0 + bs]]
                 for item, logprobs in zip(batch, self._score(batch, p, cache)):
                     for r in item.requests:
                         res[r] = self._answer(requests[r], logprobs)
@@ -228,12 +228,13 @@ class PrefixReuseLM(HFLM):
             out.append(F.log_softmax(logits[row, cols], dim=-1, dtype=self.softmax_dtype))
         return out
 
-    def _check(self, items: list[Item], groups) -> None:
+    def _check(self, items: list[Item], groups):
         """Once per LM: the first shared group's first input scored with its prefix cache
-        and by one plain forward must agree; otherwise raise _Fallback with the reason."""
+        and by one plain forward must agree; otherwise raise _Fallback with the reason.
+        Returns (prefix, its cache) for the main loop, or None when nothing is shared."""
         shared = [(m, p) for m, p in groups if p]
         if not shared:
-            return
+            return None
         members, p = shared[0]
         item = items[members[0]]
         try:
@@ -247,3 +248,4 @@ class PrefixReuseLM(HFLM):
         if not diff <= tol:
             raise _Fallback(f"log-probs from the reused prefix differ from a plain forward by {diff:.3g} (> {tol})")
         self._checked = True
+        return item.tokens[:p], cache
