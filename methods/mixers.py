@@ -10,8 +10,9 @@ mixers (LinearMix, GatedMix, DeltaMix) run segments of about STREAM_TOKEN_HEADS
 token-heads one after another, the state carried between them (exact: the same
 recurrence), each segment checkpointed when a gradient is needed; so feature maps, gates
 and the kernels' compute-dtype copies exist for one segment at a time. The window mixers
-stream inside their kernels (linbench.kernels.window); HybridWindow's feature maps and
-MixSum's weighted sum are computed segment by segment into one output.
+stream inside their kernels (linbench.kernels.window), HybridWindow's feature maps
+applied there group by group; MixSum's weighted sum is computed segment by segment into
+one output.
 """
 from __future__ import annotations
 
@@ -264,8 +265,8 @@ class HybridWindow(nn.Module):
     def forward(self, h, state, want_state):
         if state is not None:
             return _steps(self._step, h, state)
-        out = K.window_linear_attention(h.q, h.k, h.v, _map(self.fq, h.q), _map(self.fk, h.k),
-                                        window=self.window,
+        # the feature maps themselves: the kernel applies them group by group
+        out = K.window_linear_attention(h.q, h.k, h.v, self.fq, self.fk, window=self.window,
                                         gamma=torch.sigmoid(self.gamma_logit), scale=self.scale,
                                         output_final_state=want_state, backend=self.backend)
         return out if want_state else (out, None)

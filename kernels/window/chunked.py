@@ -33,10 +33,23 @@ GROUP_SCORE_ELEMENTS = 1 << 22
 
 
 def check_features(q, fq, fk) -> None:
-    """The hybrid's feature maps: fq, fk (B, T, H, F) beside q (B, T, H, K)."""
+    """The hybrid's features: fq, fk (B, T, H, F) beside q (B, T, H, K), or both feature
+    maps (callables (B, n, H, K) -> (B, n, H, F), applied group by group)."""
+    if callable(fq) and callable(fk):
+        return
+    if callable(fq) or callable(fk):
+        raise ValueError("fq and fk must both be tensors or both be feature maps")
     if fq.shape != fk.shape or fq.dim() != 4 or fq.shape[:3] != q.shape[:3]:
         raise ValueError(f"feature shape mismatch: fq {tuple(fq.shape)}, fk {tuple(fk.shape)} "
                          f"(expected (B, T, H, F) beside q {tuple(q.shape)})")
+
+
+def feature_dim(q, fq) -> int:
+    """F of the features fq (a tensor, or a feature map tried on one token)."""
+    if not callable(fq):
+        return fq.shape[-1]
+    with torch.no_grad():
+        return fq(q[:, :1]).shape[-1]
 
 
 def group_tokens(B: int, H: int, block: int, W: int) -> int:
@@ -97,7 +110,7 @@ def _run(q, k, v, fq, fk, gamma, *, window, scale, block, eps=0.0):
     W, bq = min(int(window), T), int(block)
     dt = acc_dtype(q)
     fn = functools.partial(_group, W=W, bq=bq, scale=scale, eps=eps, dt=dt)
-    s0 = None if fq is None else q.new_zeros(B, H, fq.shape[-1], v.shape[-1] + 1, dtype=dt)
+    s0 = None if fq is None else q.new_zeros(B, H, feature_dim(q, fq), v.shape[-1] + 1, dtype=dt)
     return streamed(fn, q, k, v, fq, fk, gamma, s0, window=W, group=group_tokens(B, H, bq, W))
 
 
@@ -118,7 +131,8 @@ def window_linear_attention_chunked(q, k, v, fq, fk, *, window=64, gamma, scale=
     """LoLCATs hybrid; same contract as
     linbench.kernels.window.reference.window_linear_attention_ref (returns y).
 
-    q, k: (B, T, H, K); v: (B, T, H, V); fq, fk: (B, T, H, F) feature-mapped q, k;
+    q, k: (B, T, H, K); v: (B, T, H, V); fq, fk: (B, T, H, F) feature-mapped q, k, or the
+    feature maps themselves (applied group by group: no (B, T, H, F) tensor at all);
     gamma: (H,) in (0, 1). With output_final_state=True returns (y, WindowState) where
     kv (B, H, F, V + 1) fp32 sums fk_j [v_j, 1] over the tokens out of the window.
     """

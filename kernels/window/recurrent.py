@@ -41,16 +41,24 @@ def window_cache(k, v, window=64) -> WindowCache:
 
 def window_state(k, v, fk, window=64, chunk=1 << 14) -> WindowState:
     """Hybrid decode state after a prefill, computed directly in O(T) (any backend), `chunk`
-    tokens at a time (no whole-sequence copy in the compute dtype)."""
+    tokens at a time (no whole-sequence copy in the compute dtype). fk: (B, T, H, F) key
+    features or the key feature map (applied chunk by chunk)."""
     dt = acc_dtype(v)
     B, T, H, V = v.shape
     old = max(T - window, 0)  # tokens already out of the window
-    kv = fk.new_zeros(B, H, fk.shape[-1], V + 1, dtype=dt)
+
+    def feats(sl):  # key features of tokens sl
+        return fk(k[:, sl]) if callable(fk) else fk[:, sl]
+    kv = None
     for t0 in range(0, old, chunk):
         sl = slice(t0, min(old, t0 + chunk))
         v1 = augment_ones(v[:, sl].to(dt))  # (B, n, H, V + 1)
-        kv = kv + torch.einsum("bthf,bthv->bhfv", fk[:, sl].to(dt), v1)
-    return WindowState(kv.float(), k[:, old:], v[:, old:], fk[:, old:])
+        part = torch.einsum("bthf,bthv->bhfv", feats(sl).to(dt), v1)
+        kv = part if kv is None else kv + part
+    fk_win = feats(slice(old, T))
+    if kv is None:
+        kv = fk_win.new_zeros(B, H, fk_win.shape[-1], V + 1, dtype=dt)
+    return WindowState(kv.float(), k[:, old:], v[:, old:], fk_win)
 
 
 def _append(cache, x, window):

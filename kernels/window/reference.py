@@ -32,8 +32,11 @@ def window_linear_attention_ref(q, k, v, fq, fk, *, window=64, gamma, scale=None
 
     a_ij = gamma_h exp(scale q_i.k_j - m_i) for the last `window` keys (m_i: their max),
     a_ij = fq_i . fk_j for older keys;  y_i = sum_j a_ij v_j / (sum_j a_ij + eps).
-    gamma: (H,) in (0, 1) (already passed through the sigmoid).
+    gamma: (H,) in (0, 1) (already passed through the sigmoid). fq, fk: (B, T, H, F)
+    features, or the feature maps (then applied to q and k here).
     """
+    if callable(fq):
+        fq, fk = fq(q), fk(k)
     dt, out_dtype = acc_dtype(q), v.dtype
     scale = default_scale(q, scale)
     T = q.shape[1]

@@ -13,13 +13,17 @@ the compute dtype; None for the plain window). Slices are handed over in the inp
 dtype (fn casts them), y_g is written into an output in v's dtype, so the only
 whole-sequence tensors are the inputs and the output.
 
+fq, fk may also be the feature maps themselves (callables, e.g. nn.Modules, applied per
+token): then they are applied to each group's q and k slices, never to the whole sequence
+(the keys before a group are mapped again with it), and their parameters get gradients.
+
 Backward (a torch.autograd.Function): the forward saves the inputs and the state at each
 group start (T / L states); the backward walks the groups in reverse, recomputes each one
 with autograd and pulls the state's gradient into the group before. A key's gradient gets
 contributions from its own group and from later groups whose window reaches back to it:
-those (at most W keys, in fp32 or wider) wait in a carry and are added before the slice is written,
-so each gradient slice is written once. Peak memory: inputs, output (and in backward their
-gradients), T / L states, one group's graph.
+those (at most W keys, in fp32 or wider) wait in a carry and are added before the slice is
+written, so each gradient slice is written once. Peak memory: inputs, output (and in
+backward their gradients), T / L states, one group's graph.
 """
 from __future__ import annotations
 
@@ -39,27 +43,33 @@ def _leaf(x, need):
     return None if x is None else x.detach().requires_grad_(need)
 
 
+def _features(maps, q_g, k_e, fq_g, fk_e):
+    """The group's (fq, fk): the given slices, or the feature maps applied to q, k."""
+    return (fq_g, fk_e) if maps is None else (maps[0](q_g), maps[1](k_e))
+
+
 class _Streamed(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, fn, W, L, q, k, v, fq, fk, gamma, s0):
+    def forward(ctx, fn, W, L, maps, q, k, v, fq, fk, gamma, s0, *params):
         T = q.shape[1]
         out = v.new_empty(v.shape)
         S, starts = s0, []
         for s in range(0, T, L):
             e, lo = min(T, s + L), max(0, s - W)
             starts.append(S)
-            y, S = fn(q[:, s:e], k[:, lo:e], v[:, lo:e], _slice(fq, s, e), _slice(fk, lo, e),
-                      gamma, S, s - lo)
+            q_g, k_e = q[:, s:e], k[:, lo:e]
+            y, S = fn(q_g, k_e, v[:, lo:e], *_features(maps, q_g, k_e, _slice(fq, s, e),
+                                                          _slice(fk, lo, e)), gamma, S, s - lo)
             out[:, s:e] = y
         ctx.save_for_backward(q, k, v, fq, fk, gamma, *starts)
-        ctx.cfg = (fn, W, L)
+        ctx.cfg = (fn, W, L, maps, params)
         return out
 
     @staticmethod
     def backward(ctx, dy):
         q, k, v, fq, fk, gamma, *starts = ctx.saved_tensors
-        fn, W, L = ctx.cfg
-        need = ctx.needs_input_grad[3:10]
+        fn, W, L, maps, params = ctx.cfg
+        need = ctx.needs_input_grad[4:11]
         T = q.shape[1]
         xs = (q, k, v, fq, fk)
         grads = [torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -67,6 +77,8 @@ class _Streamed(torch.autograd.Function):
         keyed = (1, 2, 4)  # k, v, fk: sliced [lo, e), gradients carried back
         carry, carry_lo = {}, T
         dgamma = None if gamma is None or not need[5] else torch.zeros_like(gamma, dtype=_wide(gamma))
+        want = [p for p, nd in zip(params, ctx.needs_input_grad[11:]) if nd]
+        dparams = [torch.zeros_like(p, dtype=_wide(p)) for p in want]
         dS = None
         for idx in reversed(range(len(starts))):
             s = idx * L
@@ -77,12 +89,13 @@ class _Streamed(torch.autograd.Function):
                 g_in = _leaf(gamma, need[5])
                 S_in = starts[idx]
                 S_in = None if S_in is None else _leaf(S_in, idx > 0 or need[6])
-                y, S_out = fn(*part, g_in, S_in, s - lo)
+                feats = _features(maps, part[0], part[1], part[3], part[4])
+                y, S_out = fn(*part[:3], *feats, g_in, S_in, s - lo)
                 outs = [(y, dy[:, s:e].to(y.dtype))] + ([(S_out, dS)] if dS is not None else [])
                 outs = [(o, d) for o, d in outs if o.requires_grad]
                 wrt = [t for t in (*part, g_in, S_in) if t is not None and t.requires_grad]
-                got = torch.autograd.grad([o for o, _ in outs], wrt, [d for _, d in outs],
-                                          allow_unused=True)
+                got = torch.autograd.grad([o for o, _ in outs], wrt + want,
+                                          [d for _, d in outs], allow_unused=True)
             got = iter(got)
             for i, t in enumerate(part):
                 if t is None or not t.requires_grad:
@@ -104,12 +117,34 @@ class _Streamed(torch.autograd.Function):
             if S_in is not None and S_in.requires_grad:
                 dS = next(got)
                 dS = torch.zeros_like(S_in) if dS is None else dS
+            for acc in dparams:
+                d = next(got)
+                if d is not None:
+                    acc += d
         dS0 = dS if need[6] else None
-        return (None, None, None, *grads, None if dgamma is None else dgamma.to(gamma.dtype), dS0)
+        dgamma = None if dgamma is None else dgamma.to(gamma.dtype)
+        dparams = iter([d.to(p.dtype) for d, p in zip(dparams, want)])
+        dp = [next(dparams) if nd else None for nd in ctx.needs_input_grad[11:]]
+        return (None, None, None, None, *grads, dgamma, dS0, *dp)
+
+
+def maps_params(fq, fk) -> list:
+    """The trainable parameters of feature maps given as modules (none for tensors)."""
+    out = []
+    for m in (fq, fk):
+        for p in (m.parameters() if isinstance(m, torch.nn.Module) else ()):
+            if p.requires_grad and all(p is not o for o in out):
+                out.append(p)
+    return out
 
 
 def streamed(fn, q, k, v, fq=None, fk=None, gamma=None, s0=None, *, window: int, group: int):
     """y (B, T, H, V) in v's dtype: `fn` over groups of `group` query tokens, keys from
-    `window` tokens before each group (module docstring); s0: the hybrid's initial state
-    (zeros), None for the plain window."""
-    return _Streamed.apply(fn, int(window), int(group), q, k, v, fq, fk, gamma, s0)
+    `window` tokens before each group (module docstring); fq, fk: feature tensors or the
+    feature maps; s0: the hybrid's initial state (zeros), None for the plain window."""
+    maps = (fq, fk) if callable(fq) else None
+    params = maps_params(fq, fk) if maps else []
+    if maps:
+        fq = fk = None
+    return _Streamed.apply(fn, int(window), int(group), maps, q, k, v, fq, fk, gamma, s0,
+                           *params)

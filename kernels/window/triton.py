@@ -23,7 +23,7 @@ import triton.language as tl
 
 from linbench.kernels.common import augment_ones, check_positive, check_shapes, default_scale
 from linbench.kernels.triton_common import INTERPRET, mm, pow2, tile
-from linbench.kernels.window.chunked import check_features
+from linbench.kernels.window.chunked import check_features, feature_dim
 from linbench.kernels.window.stream import streamed
 
 # Fixed launch config (no autotuner: it does not run under the CPU interpreter).
@@ -296,6 +296,7 @@ def window_linear_attention(q, k, v, fq, fk, *, window=64, gamma, scale=None, ep
     """LoLCATs sliding-window + linear hybrid (arXiv 2410.10254), one shared normalizer:
     a_ij = gamma_h exp(scale q_i.k_j - m_i) on the last `window` keys, fq_i.fk_j on older
     keys; y_i = sum_j a_ij v_j / (sum_j a_ij + eps), m_i the window max (not detached).
+    fq, fk: (B, T, H, F) features or the feature maps (applied group by group).
 
     Streamed over groups of queries (linbench.kernels.window.stream; about
     GROUP_TOKEN_HEADS token-heads each, `_group` tokens when given): per group, window
@@ -318,5 +319,5 @@ def window_linear_attention(q, k, v, fq, fk, *, window=64, gamma, scale=None, ep
     group = _group or max(1, GROUP_TOKEN_HEADS // (B * H))
     fn = functools.partial(_hybrid_group, window=W, scale=scale, eps=eps,
                            blocks=_blocks or (_BLOCK_M, _BLOCK_N), linear=_linear)
-    s0 = q.new_zeros(B, H, fq.shape[-1], DV + 1, dtype=torch.float32)
+    s0 = q.new_zeros(B, H, feature_dim(q, fq), DV + 1, dtype=torch.float32)
     return streamed(fn, q, k, v, fq, fk, gamma, s0, window=W, group=group)

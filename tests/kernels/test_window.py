@@ -130,6 +130,43 @@ def test_chunked_streamed_groups_match_reference(kit, monkeypatch, window, T):
                 ["q", "k", "v", "fq", "fk", "gamma"], ["y"], floors={"gamma": 1.0})
 
 
+class _Map(torch.nn.Module):
+    """A per-token feature map with parameters (Hedgehog-like): softmax(x W_h), (H, D, F)."""
+
+    def __init__(self, H, D, Fd, dtype, seed):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.weight = torch.nn.Parameter(torch.randn(H, D, Fd, generator=g, dtype=dtype))
+
+    def forward(self, x):
+        return torch.einsum("bthd,hdf->bthf", x, self.weight.to(x.dtype)).softmax(-1)
+
+
+@pytest.mark.parametrize("window,T", [(12, 75), (100, 40)], ids=["W12-T75", "W100-T40"])
+def test_chunked_hybrid_applies_feature_maps_per_group(kit, monkeypatch, window, T):
+    """fq, fk given as the feature maps: applied to each group's q and k (never to the
+    whole sequence), the output and the gradients of q, k, v, gamma and of the maps'
+    parameters equal the reference's on the mapped features."""
+    monkeypatch.setattr(chunked, "GROUP_SCORE_ELEMENTS", 1)  # one block of 8 per group
+    shape = kit.Shape(2, T, 2, 8, 4)
+    q, k, v = kit.qkv(shape, torch.float64)
+    gamma = _features(shape, torch.float64)[2]
+    mq, mk = _Map(2, 8, FEAT, torch.float64, 1), _Map(2, 8, FEAT, torch.float64, 2)
+    y = window_linear_attention_chunked(q, k, v, mq, mk, window=window, gamma=gamma, block=8)
+    y_ref = window_linear_attention_ref(q, k, v, mq(q), mk(k), window=window, gamma=gamma)
+    kit.close(y, y_ref, "y")
+    leaves = [q, k, v, gamma, mq.weight, mk.weight]
+    for name, a, b in zip(["q", "k", "v", "gamma", "Wq", "Wk"], kit.grads([y], leaves),
+                          kit.grads([y_ref], leaves)):
+        kit.close(a, b, f"d{name}", floor=1.0 if name == "gamma" else 1e-3)
+    state = K.window_linear_attention(q, k, v, mq, mk, window=window, gamma=gamma,
+                                      output_final_state=True, backend="torch")[1]
+    want = K.window_linear_attention(q, k, v, mq(q), mk(k), window=window, gamma=gamma,
+                                     output_final_state=True, backend="torch")[1]
+    for field, a, b in zip(want._fields, state, want):
+        kit.close(a, b, f"state.{field}")
+
+
 def test_chunked_half_inputs_stream_in_fp32(kit):
     """bf16 inputs: computed in fp32 group by group, the output in bf16 (no fp32 copy of
     the sequence, see the memory test): close to the fp64 reference at bf16 accuracy."""
@@ -179,10 +216,12 @@ def _largest_intermediates(fn, leaves, T):
 
 
 def test_chunked_memory_is_one_group_not_the_sequence(monkeypatch):
-    """Forward and backward of both window forms at T = 1K and 2K: the only whole-sequence
-    tensors created are the output (forward) and one gradient per input (backward); every
-    other tensor is a group's (one block x (block + window) scores here), the same at both T
-    (the quadratic reference would hold T x T, a blockwise form T x window)."""
+    """Forward and backward of both window forms at T = 1K and 2K (the hybrid given its
+    feature maps, as HybridWindow calls it): the only whole-sequence tensors created are
+    the output (forward) and one gradient per input (backward): no feature tensor of the
+    sequence; every other tensor is a group's (one block x (block + window) scores here),
+    the same at both T (the quadratic reference would hold T x T, a blockwise form
+    T x window)."""
     monkeypatch.setattr(chunked, "GROUP_SCORE_ELEMENTS", 1 << 10)  # one block of 16 per group
     B, H, D, Fd, window, block = 1, 2, 8, 4, 16, 16
     per_group = B * H * block * (block + window)
@@ -190,15 +229,16 @@ def test_chunked_memory_is_one_group_not_the_sequence(monkeypatch):
     for T in (1024, 2048):
         g = torch.Generator().manual_seed(0)
         q, k, v = (torch.randn(B, T, H, D, generator=g).requires_grad_() for _ in range(3))
-        fq, fk = (torch.rand(B, T, H, Fd, generator=g).requires_grad_() for _ in range(2))
         gamma = torch.full((H,), 0.1, requires_grad=True)
+        mq, mk = _Map(H, D, Fd, torch.float32, 1), _Map(H, D, Fd, torch.float32, 2)
         swa = _largest_intermediates(
             lambda q, k, v: sliding_window_attention_chunked(q, k, v, window=window, block=block),
             [q, k, v], T)
         hybrid = _largest_intermediates(
-            lambda *a: window_linear_attention_chunked(*a[:5], window=window, gamma=a[5],
-                                                       block=block), [q, k, v, fq, fk, gamma], T)
-        assert swa[0] == [1, 3] and hybrid[0] == [1, 5], (swa, hybrid)
+            lambda q, k, v, gamma, wq, wk: window_linear_attention_chunked(
+                q, k, v, mq, mk, window=window, gamma=gamma, block=block),
+            [q, k, v, gamma, mq.weight, mk.weight], T)
+        assert swa[0] == [1, 3] and hybrid[0] == [1, 3], (swa, hybrid)
         largest[T] = (swa[1], hybrid[1])
         assert max(largest[T]) <= 4 * per_group, (largest[T], per_group)
     assert largest[1024] == largest[2048]
