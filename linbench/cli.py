@@ -77,18 +77,30 @@ def _budget(ctx, param, value: str) -> str:
 @click.option("--prefix-reuse/--no-prefix-reuse", default=True, show_default=True,
               help="lm-eval suites: compute a prompt prefix shared by several requests once "
                    "(same scores; --no-prefix-reuse runs lm-eval's plain path).")
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Processes on this machine (torch's elastic launcher; one per GPU): "
+                   "recovery data-parallel with FSDP2, ppl split across them; rank 0 writes. "
+                   "Same as `torchrun --nproc-per-node N -m linbench run ...`.")
 def run(model, revision, methods, suites, limit, batch_size, dtype, device, seed, results_dir,
-        force, quiet, budget, data, checkpoints, settings, threads, prefix_reuse):
+        force, quiet, budget, data, checkpoints, settings, threads, prefix_reuse, nproc):
     """Linearize MODEL with each method, recover it, and run each suite."""
     from linbench import overrides
     from linbench.report import build as report
     from linbench import run as runner
+    from linbench.recovery import dist
     runner.validate(methods, suites)
     chosen = overrides.resolve(methods, list(settings))
+    if nproc > 1 and not dist.launched():  # the children run this same command line
+        from linbench.recovery.budget import parse
+        dist.check_batch(parse(budget).batch_size, nproc)
+        dist.launch(nproc, _ARGV or sys.argv[1:])
+        sys.exit(0)
     if threads:
         import torch
         torch.set_num_threads(threads)
-    device = device or _default_device()
+    device = dist.init(device or _default_device())
+    if not dist.is_writer():  # progress, plan and tables from rank 0 only
+        quiet = True
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     batch_size = batch_size or (8 if device.startswith("cuda") else 1)
     from linbench.suites.base import RunContext
@@ -96,7 +108,10 @@ def run(model, revision, methods, suites, limit, batch_size, dtype, device, seed
                      progress=not quiet, prefix_reuse=prefix_reuse)
     plan = runner.RunPlan(model, methods, suites, ctx, results_dir, revision, force,
                           budget=budget, data=data, checkpoints=checkpoints, overrides=chosen)
-    records = runner.run(plan, echo=lambda s: click.echo(s, err=True))
+    records = runner.run(plan, echo=(lambda s: click.echo(s, err=True)) if dist.is_writer()
+                         else (lambda s: None))
+    if not dist.is_writer():
+        sys.exit(1 if any(r.get("status") != "ok" for r in records) else 0)
     for table in report.tables(records):
         click.echo(table + "\n")
     failed = [r for r in records if r.get("status") != "ok"]
@@ -275,8 +290,13 @@ def fetch(force, check):
         raise LinbenchError("embedded data missing; run `linbench fetch`")
 
 
+_ARGV: list[str] = []  # this command line (what `--nproc` children run again)
+
+
 def main(argv=None) -> None:
+    global _ARGV
     argv = sys.argv[1:] if argv is None else list(argv)
+    _ARGV = list(argv)
     if not argv:  # a bare `linbench` shows the help
         argv = ["--help"]
     try:

@@ -9,6 +9,13 @@ directories writable, model config readable and supported, recovery data present
 their file locks (records.store), its recovery under the checkpoint key's lock
 (recovery.cache), so a second identical run waits and then reuses. A recovery that fails
 (e.g. a diverging loss) becomes error records for that method's suites, never "ok".
+
+Distributed (torchrun, or `linbench run --nproc N`; linbench.recovery.dist): every rank
+runs this same plan. Rank 0 alone takes the locks, decides what is already finished (its
+answer is broadcast), and writes records and checkpoints; recovery is data-parallel
+(FSDP2), suites that score through suites.base.shared_map split their batches across the
+ranks. Any exception on any rank ends the run (no error records: the other ranks would
+wait forever in a collective); the launcher stops the others.
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ from linbench.errors import LinbenchError
 from linbench.records import provenance, schema
 from linbench.overrides import label
 from linbench.records.store import Store, nonfinite, writable_dir
+from linbench.recovery import dist
 from linbench.suites.base import RunContext
 
 STATE_SEQLEN = 2048  # the context length at which records report state size
@@ -110,12 +118,13 @@ def run(plan: RunPlan, echo=print) -> list[dict]:
     store.warn = echo
     estimate.announce(plan, spec, store, jobs, echo)
     env = provenance.environment(plan.ctx.device)
+    if dist.world().size > 1:  # which parallelism ran: provenance
+        env["distributed"] = dist.describe()
     out = []
     for method_name in dict.fromkeys(j.method for j in jobs):
         mine = [j for j in jobs if j.method == method_name]
         todo = []
-        for job in mine:
-            done = None if plan.force else store.finished(job.path)
+        for job, done in zip(mine, _finished(plan, store, mine)):
             if done:
                 echo(f"[{method_name}/{job.suite}] reusing finished record {job.path}")
                 out.append(done)
@@ -123,13 +132,20 @@ def run(plan: RunPlan, echo=print) -> list[dict]:
                 todo.append(job)
         if not todo:
             continue
-        locks = _lock_all(store, todo, echo)
+        locks = _lock_all(store, todo, echo) if dist.is_writer() else []
         try:
             out += _run_method(plan, spec, store, env, todo, echo)
         finally:
             for lk in reversed(locks):
                 lk.release()
     return out
+
+
+def _finished(plan: RunPlan, store: Store, jobs: list) -> list:
+    """Each job's finished record or None, as rank 0 sees it (the same on every rank)."""
+    done = [None if plan.force else store.finished(j.path) for j in jobs] \
+        if dist.is_writer() else None
+    return dist.broadcast(done)
 
 
 def _lock_all(store: Store, jobs: list, echo) -> list:
@@ -150,8 +166,7 @@ def _lock_all(store: Store, jobs: list, echo) -> list:
 
 def _run_method(plan: RunPlan, spec, store: Store, env: dict, jobs: list, echo) -> list[dict]:
     out, todo = [], []
-    for job in jobs:  # another process may have finished some while we waited
-        done = None if plan.force else store.finished(job.path)
+    for job, done in zip(jobs, _finished(plan, store, jobs)):  # finished while we waited?
         if done:
             echo(f"[{job.method}/{job.suite}] reusing finished record {job.path} "
                  f"(written by another process)")
@@ -170,6 +185,8 @@ def _run_method(plan: RunPlan, spec, store: Store, env: dict, jobs: list, echo) 
     except (LinbenchError, KeyboardInterrupt):
         raise
     except Exception as e:  # noqa: BLE001 - a failed recovery is an error record per suite
+        if dist.world().size > 1:
+            raise
         message = f"{type(e).__name__}: {e}"  # printed once per record by the CLI
         for job in todo:
             record = _error_record(job, plan, spec, env, message, traceback.format_exc())
@@ -181,7 +198,8 @@ def _run_method(plan: RunPlan, spec, store: Store, env: dict, jobs: list, echo) 
     for job in todo:
         echo(f"[{job.method}/{job.suite}] running on {spec.name} ({plan.ctx.device}, {plan.ctx.dtype})")
         record = _run_one(job, model, tokenizer, plan, spec, env, stages)
-        store.write(job.path, record)
+        if dist.is_writer():
+            store.write(job.path, record)
         echo(f"[{job.method}/{job.suite}] {record['status']}: wrote {job.path}")
         out.append(record)
     return out
@@ -216,6 +234,8 @@ def _run_one(job: Job, model, tokenizer, plan: RunPlan, spec, env: dict, stages)
             extra = {"error": f"non-finite metric {', '.join(bad)} (the model's outputs are "
                               f"NaN/Inf)"}
     except Exception as e:  # recorded, never a missing row; the CLI exits non-zero
+        if dist.world().size > 1:
+            raise
         status, metrics, details = "error", {}, {}
         extra = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
     return schema.build(

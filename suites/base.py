@@ -1,10 +1,16 @@
 """The suite interface: a suite measures a model and returns records, and declares how
-the report shows its metrics (`Suite.meta()`, copied into every record it produces)."""
+the report shows its metrics (`Suite.meta()`, copied into every record it produces).
+
+`shared_map` splits a suite's batches across the ranks of a torch.distributed run
+(`linbench run --nproc N`, torchrun) and gathers the outcomes, so a suite that scores its
+batches through it gives the one-process numbers with N processes (suites may not import
+linbench.recovery.dist, the training side of the same rules).
+"""
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 KINDS = ("accuracy", "perplexity", "value")  # accuracy: a fraction in [0, 1], shown as %
 
@@ -101,3 +107,24 @@ class Suite:
 
     def run(self, model, tokenizer, ctx: RunContext) -> list[Record]:
         raise NotImplementedError
+
+
+def shared_map(fn: Callable, items: list, wrap: Callable | None = None) -> list:
+    """[fn(x) for x in items], in order, on every rank: under torch.distributed rank r
+    computes items r, r+N, r+2N, ... and the outcomes are exchanged (all_gather_object:
+    keep them small and on the CPU). Outcomes depend only on the item, so the result is the
+    one-process result whatever N is. `wrap` wraps this rank's iteration (a progress bar).
+    """
+    import torch.distributed as dist
+    wrap = wrap or (lambda it: it)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [fn(x) for x in wrap(items)]
+    rank, n = dist.get_rank(), dist.get_world_size()
+    mine = [(i, fn(items[i])) for i in wrap(range(rank, len(items), n))]
+    parts: list = [None] * n
+    dist.all_gather_object(parts, mine)
+    out: list = [None] * len(items)
+    for part in parts:
+        for i, value in part:
+            out[i] = value
+    return out

@@ -20,6 +20,10 @@ binomial stderr.
 
 Passages are batched with right padding and no attention mask: exact for any causal
 mixer (softmax or linear), since no real token ever sees a pad.
+
+Distributed (torch.distributed, N ranks): the batches are split across the ranks and
+their per-token outcomes gathered (base.shared_map), then summed in batch order as in
+one process: the same numbers.
 """
 from __future__ import annotations
 
@@ -31,7 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from linbench.suites.base import Metric, MetricSpec, Record, RunContext, Suite, accuracy
+from linbench.suites.base import (Metric, MetricSpec, Record, RunContext, Suite, accuracy,
+                                   shared_map)
 from linbench.suites.lmeval import binomial_metric
 from linbench.suites import text
 
@@ -159,10 +164,12 @@ class Perplexity(Suite):
         batches = [b for g in groups.values() for b in _batches(g, ctx.batch_size)]
         total, count = 0.0, 0
         doc_nll, doc_tok = np.zeros(len(docs)), np.zeros(len(docs), dtype=np.int64)
-        for batch in _progress(batches, ctx, "ppl wiki"):
-            nll, _ = score_tokens(model, torch.tensor([windows[k] for k in batch],
-                                                      device=model.device))
-            nll = nll.double()
+
+        def score(batch):
+            ids = torch.tensor([windows[k] for k in batch], device=model.device)
+            return score_tokens(model, ids)[0].double().cpu()
+        scored = shared_map(score, batches, lambda it: _progress(it, ctx, "ppl wiki"))
+        for batch, nll in zip(batches, scored):  # in batch order: one-process sums
             total += nll.sum().item()
             count += nll.numel()
             for row, k in enumerate(batch):  # token t+1 of the window is scored at t
@@ -184,9 +191,13 @@ class Perplexity(Suite):
         hits = [0.0] * len(encoded)
         doc_nll, doc_tok = [0.0] * len(encoded), [0] * len(encoded)
         total, count = 0.0, 0
-        for idx in _progress(_batches(order, ctx.batch_size), ctx, "ppl lambada"):
+        batches = _batches(order, ctx.batch_size)
+
+        def score(idx):
             batch = _pad_right([encoded[i][0] for i in idx], pad, model.device)  # (B, T)
-            nll, hit = score_tokens(model, batch)
+            return tuple(t.cpu() for t in score_tokens(model, batch))
+        scored = shared_map(score, batches, lambda it: _progress(it, ctx, "ppl lambada"))
+        for idx, (nll, hit) in zip(batches, scored):
             for row, i in enumerate(idx):
                 ids, n_ctx = encoded[i]
                 doc_nll[i] = nll[row, :len(ids) - 1].double().sum().item()

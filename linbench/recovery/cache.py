@@ -19,7 +19,7 @@ from linbench.assets import models
 from linbench.records import provenance
 from linbench.recovery import budget as budgets
 from linbench.assets import manifest
-from linbench.recovery import stages
+from linbench.recovery import dist, stages
 
 _CORPORA: dict = {}
 
@@ -82,9 +82,9 @@ def recovered(method, label: str, spec, ckpt: Path, *, budget: str, data: str, s
     """The linearized, recovered model and its tokenizer: from `ckpt`, or trained there.
     Holds the checkpoint key's lock throughout. A diverging recovery (train.NonFiniteLoss)
     leaves nothing cached."""
-    lk = lock(ckpt, echo)
+    lk = lock(ckpt, echo) if dist.is_writer() else None  # distributed: rank 0 decides
     try:
-        final = cached(ckpt, echo)
+        final = dist.broadcast(cached(ckpt, echo) if dist.is_writer() else None)
         if final is not None:
             echo(f"[{label}] reusing recovered checkpoint {final}")
             model = stages.load(final, models.torch_dtype(dtype), device)
@@ -92,7 +92,8 @@ def recovered(method, label: str, spec, ckpt: Path, *, budget: str, data: str, s
         return _train(method, label, spec, ckpt, budget=budget, data=data, seed=seed,
                       dtype=dtype, device=device, progress=progress, echo=echo)
     finally:
-        lk.release()
+        if lk is not None:
+            lk.release()
 
 
 def _train(method, label, spec, ckpt: Path, *, budget, data, seed, dtype, device, progress, echo):
@@ -108,8 +109,11 @@ def _train(method, label, spec, ckpt: Path, *, budget, data, seed, dtype, device
         model = stages.recover(method, model, data_, b, seed=seed, progress=progress,
                                checkpoint_dir=ckpt / "work", echo=echo)
     except NonFiniteLoss:
-        shutil.rmtree(ckpt / "work", ignore_errors=True)  # diverged: keep nothing of it
+        if dist.is_writer():
+            shutil.rmtree(ckpt / "work", ignore_errors=True)  # diverged: keep nothing of it
         raise
+    if not dist.is_writer():
+        return model, tokenizer
     tmp = ckpt / "model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     io.save_pretrained(model, tmp)

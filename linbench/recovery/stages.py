@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from linbench.recovery import adapters, budget as budgets
+from linbench.recovery import adapters, budget as budgets, dist
 from linbench.assets import manifest
 from linbench.recovery.train import Objective, Plan, evaluate, fit
 
@@ -84,7 +84,7 @@ def recover(method, model, data, budget, *, seed: int = 0, progress: bool = Fals
             corpus.release()
         return cache["train"], cache["val"]
 
-    if ckpt is not None:
+    if ckpt is not None and dist.is_writer():  # distributed: rank 0 alone writes
         _claim(ckpt, {"method": method.config_dict(), "budget": budget.identity(),
                       "data": corpus.identity(), "seed": seed})
     todo = [s for s in STAGES if _wanted(s, method, model, budget)]
@@ -126,7 +126,7 @@ def recover(method, model, data, budget, *, seed: int = 0, progress: bool = Fals
                  f"thrown away (ppl_after == ppl_before; try a lower learning rate)")
         stages.append(stage)
         model.config.linbench = {**model.config.linbench, "recovery": list(stages)}
-        if done_dir is not None:
+        if done_dir is not None and dist.is_writer():
             _save_stage(model, done_dir)
             (ckpt / f"{name}.state.pt").unlink(missing_ok=True)
             shutil.rmtree(ckpt / f"{name}.blocks", ignore_errors=True)  # block-wise transfer's
@@ -194,7 +194,8 @@ def _stage(name: str, res, ppl_before, ppl_after) -> dict:
     return {"stage": name, "tokens": res.tokens, "steps": res.steps, "seconds": round(res.seconds, 2),
             "final_loss": _finite(res.final_loss), "curve": res.curve, "val_curve": res.val_curve,
             "ppl_before": ppl_before, "ppl_after": ppl_after, "stopped": res.stopped,
-            "kept_initial": res.steps > 0 and getattr(res, "best_step", None) == 0}
+            "kept_initial": res.steps > 0 and getattr(res, "best_step", None) == 0,
+            **({"parallel": res.parallel} if getattr(res, "parallel", "none") != "none" else {})}
 
 
 @contextlib.contextmanager
@@ -262,7 +263,8 @@ def _lora(cfg, model, train, val, plan: Plan):
     params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
     if not params:
         raise ValueError(f"LoRA found none of {cfg.lora_targets} in {type(model).__name__}")
-    obj = Objective("lora", params, _ce(peft_model), cfg.lora_lr, cfg.weight_decay, cfg.max_grad_norm)
+    obj = Objective("lora", params, _ce(peft_model), cfg.lora_lr, cfg.weight_decay, cfg.max_grad_norm,
+                    shardable=True)
     res = fit(obj, peft_model, train, val, plan)
     merged = peft_model.merge_and_unload()
     for p in merged.parameters():

@@ -5,6 +5,13 @@ restore, and a resumable state file.
 Determinism: batch i is rows [i*B, (i+1)*B) of the packed training tensor, the RNG is
 seeded per stage and saved with the state, so a run interrupted at any step and resumed
 ends with the same weights as one that never stopped (on the same device).
+
+Distributed (linbench.recovery.dist): with N ranks each rank trains on its rows
+r, r+N, ... of every global batch of plan.batch rows (which N must divide), under FSDP2 for
+the length of the stage; the loss is averaged over the ranks, validation runs on every
+rank on all held-out rows, so the curve is that of one process at the same global batch.
+The resumable state file is neither read nor written there (an interrupted distributed
+run redoes its unfinished stage; finished stages are kept).
 """
 from __future__ import annotations
 
@@ -17,6 +24,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from linbench.recovery import dist
 
 
 class NonFiniteLoss(RuntimeError):
@@ -49,6 +58,10 @@ class Objective:
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     val: Callable[[torch.Tensor], torch.Tensor] | None = None  # default: `loss`
+    # distributed: True when `loss` is a function of the model's forward output, so FSDP2's
+    # backward hooks see it (dist.parallel); False (losses a layer leaves behind, as in
+    # attention transfer): parameters replicated, gradients all-reduced
+    shardable: bool = False
 
 
 @dataclass
@@ -78,6 +91,7 @@ class Result:
     best_val: float = math.inf
     first_val: float = math.nan
     best_step: int = 0       # the step whose weights were kept (0: the initial ones)
+    parallel: str = "none"   # distributed: "fsdp2" | "replicate" (dist.parallel)
 
     @property
     def final_loss(self) -> float:
@@ -107,18 +121,35 @@ def evaluate(fn, data: torch.Tensor, micro: int, device, dtype=torch.float32) ->
     return total / max(rows, 1)
 
 
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP-sharded (DTensor) parameter; the tensor otherwise."""
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
 def _snapshot(params: dict) -> dict:
-    return {n: p.detach().to("cpu", copy=True) for n, p in params.items()}
+    return {n: _local(p.detach()).to("cpu", copy=True) for n, p in params.items()}
 
 
 def _restore(params: dict, saved: dict) -> None:
     with torch.no_grad():
         for n, p in params.items():
-            p.copy_(saved[n].to(p.device, p.dtype))
+            dst = _local(p)
+            dst.copy_(saved[n].to(dst.device, dst.dtype))
 
 
 def fit(obj: Objective, model, train: torch.Tensor, val: torch.Tensor, plan: Plan) -> Result:
-    """Train obj.params on `train` for plan.steps optimizer steps; keep the best weights."""
+    """Train obj.params on `train` for plan.steps optimizer steps; keep the best weights.
+    Under torch.distributed: data-parallel over the ranks (module docstring)."""
+    if dist.world().size == 1:
+        return _fit(obj, model, train, val, plan, "none")
+    import dataclasses
+    dist.check_batch(plan.batch)
+    with dist.parallel(model, obj.params, obj.shardable) as (params, how):
+        return _fit(dataclasses.replace(obj, params=params), model, train, val,
+                    dataclasses.replace(plan, state_path=None), how)
+
+
+def _fit(obj: Objective, model, train, val, plan: Plan, parallel: str) -> Result:
     params = obj.params
     plist = list(params.values())
     opt = torch.optim.AdamW(plist, lr=obj.lr, weight_decay=obj.weight_decay)
@@ -134,6 +165,7 @@ def fit(obj: Objective, model, train: torch.Tensor, val: torch.Tensor, plan: Pla
         res, best, bad, start = state["result"], state["best"], state["bad"], state["step"]
     else:
         torch.manual_seed(plan.seed)
+    res.parallel = parallel
 
     def validate(step):
         nonlocal best, bad
@@ -157,7 +189,7 @@ def fit(obj: Objective, model, train: torch.Tensor, val: torch.Tensor, plan: Pla
     bar = _bar(plan, start, obj.name)
     step = start
     while not done and step < plan.steps:
-        rows = train[step * plan.batch:(step + 1) * plan.batch]
+        rows = dist.shard_rows(train[step * plan.batch:(step + 1) * plan.batch])
         loss_sum = 0.0
         for i in range(0, rows.shape[0], plan.micro):  # gradient accumulation
             chunk = rows[i:i + plan.micro].to(plan.device)
@@ -165,10 +197,13 @@ def fit(obj: Objective, model, train: torch.Tensor, val: torch.Tensor, plan: Pla
                 loss = obj.loss(chunk) * (chunk.shape[0] / rows.shape[0])
             loss.backward()
             loss_sum += float(loss.detach())
+        if parallel != "none":  # this rank's mean -> the global batch's; replicated grads too
+            loss_sum = dist.mean(loss_sum)
+            dist.all_reduce_grads(plist)
         if not math.isfinite(loss_sum):
             _close(bar)
             raise NonFiniteLoss(obj.name, step + 1, plan.steps, "training loss", loss_sum)
-        norm = _clip(plist, obj.max_grad_norm)
+        norm = dist.clip_grads(plist, obj.max_grad_norm)  # torch's rule, over all ranks
         if not math.isfinite(norm):
             _close(bar)
             raise NonFiniteLoss(obj.name, step + 1, plan.steps, "gradient norm", norm)
@@ -203,16 +238,8 @@ def _close(bar) -> None:
         bar.close()
 
 
-def _clip(params, max_norm) -> float:
-    """Clip the total gradient norm for real; return the norm before clipping."""
-    if max_norm is None or max_norm <= 0:
-        grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-        return float(torch.stack(grads).norm()) if grads else 0.0
-    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-
-
 def _bar(plan: Plan, start: int, name: str):
-    if not plan.progress:
+    if not plan.progress or not dist.is_writer():
         return None
     from tqdm.auto import tqdm
     return tqdm(total=plan.steps, initial=start, desc=f"recover:{name}", unit="step", leave=False)
