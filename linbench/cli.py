@@ -108,9 +108,11 @@ def run(model, revision, methods, suites, limit, batch_size, dtype, device, seed
                      progress=not quiet, prefix_reuse=prefix_reuse)
     plan = runner.RunPlan(model, methods, suites, ctx, results_dir, revision, force,
                           budget=budget, data=data, checkpoints=checkpoints, overrides=chosen)
-    records = runner.run(plan, echo=(lambda s: click.echo(s, err=True)) if dist.is_writer()
+    writer = dist.is_writer()
+    records = runner.run(plan, echo=(lambda s: click.echo(s, err=True)) if writer
                          else (lambda s: None))
-    if not dist.is_writer():
+    dist.finish()
+    if not writer:
         sys.exit(1 if any(r.get("status") != "ok" for r in records) else 0)
     for table in report.tables(records):
         click.echo(table + "\n")

@@ -8,9 +8,13 @@ data-parallel recovery with the model sharded per decoder layer by FSDP2.
     is_writer()          rank 0: the only process that writes checkpoints and records
     shard_rows(rows)     this rank's rows of a global batch: rows r, r+N, r+2N, ...
     all_reduce_grads(ps) average the gradients of replicated parameters over the ranks
-    gather_items(items)  every rank's list, concatenated in rank order (all_gather_object)
+    clip_grads(ps, max)  clip_grad_norm_ over sharded and replicated gradients alike
     parallel(model, ps)  FSDP2 for the length of a training stage: fully_shard on every
                          decoder layer, then on the root, and the plain model back after
+    launch(n, args)      `python -m linbench <args>` in n processes (elastic_launch)
+
+Suites split their work with linbench.suites.base.shared_map (all_gather_object of
+per-batch outcomes; suites may not import this package).
 
 Recovery sharding: `fully_shard` on each decoder layer, then on the root. The parameters
 outside the decoder layers (embeddings, final norm, LM head: small, and usually tied
@@ -24,9 +28,11 @@ backward hooks, registered on forward inputs and outputs, never run and the grad
 never reach the shards), when no decoder layers are found, or with
 LINBENCH_PARALLEL=replicate. The LoRA stage (cross-entropy of the output) runs FSDP2.
 
-Every rank sees the same global batch (what the budget says) and the same validation
-rows, so the loss curve, the early-stopping decisions and the kept weights are those of
-one process at that batch (up to float summation order). fully_shard has no inverse in
+The ranks together train on the global batch the budget names (each on its rows, as
+micro-batches of at most the budget's micro) and each validates on all held-out rows, so
+the loss curve, the early-stopping decisions and the kept weights are those of one process
+at that batch: up to float summation order, and bit for bit against one process run with
+micro = batch / N when N is a power of two (scaling by 1/N is exact then). fully_shard has no inverse in
 torch: `parallel` saves each module's class and attribute dict before sharding and puts
 them back after, with the values gathered (DTensor.full_tensor) into the original
 parameter objects, so later stages, the checkpoint writer and the suites see a plain
@@ -84,14 +90,16 @@ def init(device: str) -> str:
     return device
 
 
+def finish() -> None:
+    """Leave the process group (every rank, at the end of a run)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def is_writer() -> bool:
     return world().rank == 0
-
-
-def barrier() -> None:
-    if world().size > 1:
-        import torch.distributed as dist
-        dist.barrier()
 
 
 def broadcast(obj):
@@ -118,15 +126,21 @@ def shard_rows(rows: torch.Tensor) -> torch.Tensor:
     return rows if w.size == 1 else rows[w.rank::w.size]
 
 
+def _sum(t: torch.Tensor) -> torch.Tensor:
+    """all_reduce(SUM) of a small CPU tensor (through the GPU under NCCL, which needs it)."""
+    import torch.distributed as dist
+    if dist.get_backend() == "nccl":
+        t = t.to(torch.device("cuda", torch.cuda.current_device()))
+    dist.all_reduce(t)
+    return t.cpu()
+
+
 def mean(value: float) -> float:
     """The mean of a float over the ranks."""
     w = world()
     if w.size == 1:
         return value
-    import torch.distributed as dist
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t)
-    return float(t) / w.size
+    return float(_sum(torch.tensor([value], dtype=torch.float64))) / w.size
 
 
 def all_reduce_grads(params) -> None:
@@ -147,18 +161,16 @@ def clip_grads(params, max_norm) -> float:
     """torch.nn.utils.clip_grad_norm_ for a mix of sharded (DTensor) and replicated
     gradients: the total norm over the whole model, the same clip factor on every rank;
     returns the norm before clipping."""
-    import torch.distributed as dist
     from torch.distributed.tensor import DTensor
     grads = [p.grad for p in params if p.grad is not None]
-    sharded = torch.zeros((), dtype=torch.float64)
-    whole = torch.zeros((), dtype=torch.float64)
-    for g in grads:
-        if isinstance(g, DTensor):
-            sharded += g.to_local().detach().double().pow(2).sum().cpu()
-        else:
-            whole += g.detach().double().pow(2).sum().cpu()
+
+    def squares(gs) -> torch.Tensor:  # sum of squares, fp64, one device->host copy
+        parts = [g.detach().double().pow(2).sum() for g in gs]
+        return torch.stack(parts).sum().cpu() if parts else torch.zeros((), dtype=torch.float64)
+    sharded = squares(g.to_local() for g in grads if isinstance(g, DTensor))
+    whole = squares(g for g in grads if not isinstance(g, DTensor))
     if world().size > 1:
-        dist.all_reduce(sharded)
+        sharded = _sum(sharded)
     norm = float((sharded + whole).sqrt())
     if max_norm is not None and max_norm > 0 and grads:
         coef = min(1.0, max_norm / (norm + 1e-6))  # torch's clip_grad_norm_ rule
@@ -167,17 +179,6 @@ def clip_grads(params, max_norm) -> float:
                 for g in grads:
                     g.mul_(coef)
     return norm
-
-
-def gather_items(items: list) -> list:
-    """Every rank's items, concatenated in rank order (the list itself for one process)."""
-    w = world()
-    if w.size == 1:
-        return list(items)
-    import torch.distributed as dist
-    out: list = [None] * w.size
-    dist.all_gather_object(out, list(items))
-    return [x for part in out for x in part]
 
 
 def describe() -> dict:

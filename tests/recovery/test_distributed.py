@@ -63,7 +63,13 @@ def _worker(rank: int, world: int, tmp: str, model_dir: str) -> None:
     tmp = Path(tmp)
     tdist.init_process_group("gloo", init_method=f"file://{tmp / 'init'}", rank=rank,
                              world_size=world)
-    out = {}
+    out = {"writes": []}
+    from linbench.methods import io
+    save, claim = io.save_pretrained, recovery._claim
+    io.save_pretrained = lambda m, path, *a, **k: (out["writes"].append(Path(path).name),
+                                                   save(m, path, *a, **k))[1]
+    recovery._claim = lambda ckpt, meta: (out["writes"].append("recovery.json"),
+                                          claim(ckpt, meta))[1]
     model = _recover(tmp, EXACT, tmp / "ckpt_dist")
     out["stages"] = recovery.stages_of(model)
     out["state"] = {k: v.clone() for k, v in model.state_dict().items()}
@@ -132,7 +138,7 @@ def test_recovery_equals_one_process_at_the_same_global_batch(spawned):
 
 
 def test_only_rank_0_wrote_the_checkpoint_and_it_is_the_one_process_one(spawned):
-    tmp, _, _ = spawned
+    tmp, outs, _ = spawned
     a, b = tmp / "ckpt_dist", tmp / "ckpt_one"
     if not b.exists():  # the test above writes it; alone, write it here
         _recover(tmp, EXACT, b)
@@ -142,6 +148,7 @@ def test_only_rank_0_wrote_the_checkpoint_and_it_is_the_one_process_one(spawned)
     ta, tb = load_file(a / "lora" / "model.safetensors"), load_file(b / "lora" / "model.safetensors")
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
     assert json.loads((a / "recovery.json").read_text())["budget"]["batch_size"] == 2
+    assert [o["writes"] for o in outs] == [["recovery.json", "transfer.tmp", "lora.tmp"], []]
 
 
 def test_ppl_split_across_ranks_equals_one_process(spawned, smol_tokenizer):
@@ -184,7 +191,7 @@ def test_the_launcher_runs_python_m_linbench_and_names_a_failed_rank(capfd):
 def test_one_process_helpers_are_identities():
     rows = torch.arange(6).view(3, 2)
     assert dist.world().size == 1 and dist.is_writer()
-    assert dist.shard_rows(rows) is rows and dist.gather_items([1, 2]) == [1, 2]
+    assert dist.shard_rows(rows) is rows
     assert dist.mean(2.5) == 2.5 and dist.broadcast("x") == "x"
     # the clip shared by both paths follows torch's clip_grad_norm_
     a = [torch.nn.Parameter(torch.randn(4, 3)) for _ in range(3)]
