@@ -114,9 +114,11 @@ def _accepts(fn, name: str) -> bool:
     return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
-def _cache_arg(fn) -> str:
-    """The forward's name for the cache: `cache` (transformers >= 5.2x) or `past_key_values`."""
-    return "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"
+def _cache_arg(model) -> str:
+    """The model's name for its cache, in the forward and in its output: `cache`
+    (transformers >= 5.2x) or `past_key_values` (a peft wrapper: its base model's)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 class PrefixReuseLM(HFLM):
@@ -202,7 +204,7 @@ class PrefixReuseLM(HFLM):
         ids = torch.tensor([prefix], dtype=torch.long, device=self.device)
         keep = {"logits_to_keep": 1} if _accepts(self.model.forward, "logits_to_keep") else {}
         out = self._forward(ids, use_cache=True, **keep)
-        return out[_cache_arg(self.model.forward)]
+        return getattr(out, _cache_arg(self.model))
 
     def _score(self, batch: list[Item], p: int, cache) -> list[torch.Tensor]:
         """Log-probs (span, V) at the last `span` positions of each item's input, with the
@@ -220,7 +222,7 @@ class PrefixReuseLM(HFLM):
         else:
             column = {t: t for t in wanted}
         if cache is not None:
-            kwargs.update({_cache_arg(self.model.forward): clone_cache(cache, len(batch)), "use_cache": True})
+            kwargs.update({_cache_arg(self.model): clone_cache(cache, len(batch)), "use_cache": True})
         logits = self._forward(ids.to(self.device), **kwargs).logits
         out = []
         for row, (s, item) in enumerate(zip(suffixes, batch)):
