@@ -91,8 +91,10 @@ def run(model, revision, methods, suites, limit, batch_size, dtype, device, seed
     runner.validate(methods, suites)
     chosen = overrides.resolve(methods, list(settings))
     if nproc > 1 and not dist.launched():  # the children run this same command line
+        from linbench import registry
         from linbench.recovery.budget import parse
-        dist.check_batch(parse(budget).batch_size, nproc)
+        if any(registry.methods.get(m)(**chosen.get(m, {})).needs_recovery() for m in methods):
+            dist.check_batch(parse(budget).batch_size, nproc)
         dist.launch(nproc, _ARGV or sys.argv[1:])
         sys.exit(0)
     if threads:
