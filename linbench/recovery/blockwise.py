@@ -11,9 +11,12 @@ nothing upstream but those hidden states. Hence:
    entering the first layer of each block and writes them to disk in shards, one
    safetensors file per (split, block, shard of rows), then a manifest (atomic writes;
    the manifest marks a complete cache). The forward stops at the last block's input.
+   (Transfer mode also computes each layer's student output, which this pass discards.)
 2. `train_block`: the decoder body runs with only that block's K layers installed
    (embedding and the other layers are not run), fed the cached rows; the block's new
-   parameters train with `train.fit`, exactly as the joint stage's would.
+   parameters train with `train.fit`, exactly as the joint stage's would. Activations
+   and gradients are the block's only; the weights of the whole model stay where the
+   caller loaded them (loading one block's weights at a time is not done here).
 3. Each finished block's new parameters go to a file (the resume point and what
    `stitch` loads into the full model before LoRA); the cache is removed at the end,
    the block files once the stage checkpoint is written (recovery.stages).
@@ -46,8 +49,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from torch import nn
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from linbench.errors import LinbenchError
 from linbench.recovery.train import Objective, Plan, Result, autocast, fit
@@ -116,7 +119,8 @@ def _fingerprint(splits: dict, starts: list[int], dtype) -> str:
 
 
 def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    """write(tmp), then rename: readers see the whole file or none (tmp per process)."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     write(tmp)
     os.replace(tmp, path)
 
@@ -327,7 +331,9 @@ def train_blocks(cfg, model, train, val, plan: Plan, folder, *, trainable, trans
     n_linear = len(linearized_layers(model))
     mine = blocks_for(len(groups), rank, world)
     todo = [b for b in mine if not (folder / f"block{b}.safetensors").exists()]
-    cache = folder / f"cache.rank{rank}"
+    # one cache per process: under the data-parallel training loop (recovery.dist) every
+    # process runs all blocks on its share of the rows, each with a cache of its own
+    cache = folder / f"cache.rank{_process_rank() if world == 1 else rank}"
     if todo:  # the inputs of all this rank's blocks: a resumed run finds the same cache
         meta = write_cache(model, {"train": train[:plan.steps * plan.batch], "val": val},
                            [groups[b][0] for b in mine], cache, plan)
@@ -347,6 +353,11 @@ def train_blocks(cfg, model, train, val, plan: Plan, folder, *, trainable, trans
             Path(bp.state_path).unlink(missing_ok=True)
     shutil.rmtree(cache, ignore_errors=True)
     return mine
+
+
+def _process_rank() -> int:
+    import torch.distributed as tdist
+    return tdist.get_rank() if tdist.is_available() and tdist.is_initialized() else 0
 
 
 def finish(model, folder, k: int) -> tuple[Result, dict]:
