@@ -16,15 +16,16 @@ two classes are registered with transformers:
 
 `import linbench` stays cheap: this module imports nothing of transformers (nor torch).
 `install` registers at once when transformers' auto modules are already imported, and
-otherwise adds a post-import hook to sys.meta_path that registers right after
-transformers imports them. Without `import linbench`, transformers refuses the
+otherwise adds a post-import hook to sys.meta_path that registers at the first safe point
+after transformers imports them: when the outermost transformers import completes, in any
+import order (see _AfterImport). Without `import linbench`, transformers refuses the
 checkpoint: its model_type "linbench_llama" is unknown to it.
 """
 from __future__ import annotations
 
 import importlib.abc
-import importlib.util
 import sys
+import threading
 import warnings
 
 from linbench.assets.archs import SUPPORTED_ARCHS
@@ -95,15 +96,21 @@ def classes(base_type: str):
     return globals()[name], globals()[io.loader_name(base_type)]
 
 
+def _initializing(name: str) -> bool:
+    """Whether module `name` is in sys.modules but its code has not finished running."""
+    spec = getattr(sys.modules.get(name), "__spec__", None)
+    return bool(getattr(spec, "_initializing", False))
+
+
 def _register(finished: str | None = None) -> None:
     """Register with each auto module that is fully imported (`finished`: the one whose code
-    just ran), once each; nothing while one is still being imported (registering imports
-    the family's config class, whose imports need the auto modules complete)."""
+    just ran), once each. Raises when it cannot yet: registering imports the family's config
+    classes (LlamaConfig, ...), which fails while one of them, or a module they need (the auto
+    modules among them), is itself still being imported."""
     def ready(name):
-        m = sys.modules.get(name)
-        return m is not None and (name == finished or not getattr(m.__spec__, "_initializing", False))
+        return name in sys.modules and (name == finished or not _initializing(name))
     if any(n in sys.modules and not ready(n) for n in (_CONFIG_AUTO, _MODEL_AUTO)):
-        return  # the hook of the module still being imported registers
+        return  # retried at the next safe point (see _attempt)
     for name in (_CONFIG_AUTO, _MODEL_AUTO):
         if name in _done or not ready(name):
             continue
@@ -117,36 +124,74 @@ def _register(finished: str | None = None) -> None:
         _done.add(name)
 
 
-class _AfterImport(importlib.abc.MetaPathFinder):
-    """Finds transformers' auto modules through the other finders and runs `_register`
-    right after each of them executes."""
+_state = threading.local()  # depth: transformers modules this thread is executing (hooked)
+_busy = threading.Lock()    # held while registering (its own imports must not re-enter)
 
-    _busy: set[str] = set()
+
+def _attempt(finished: str | None = None) -> None:
+    """Register what is pending. A failure is not final: registration stays pending and is
+    retried at the next safe point. It warns only when nothing of transformers was still
+    being imported (then the failure is not one of import order)."""
+    if len(_done) == 2 or not _busy.acquire(blocking=False):
+        return
+    try:
+        _register(finished)
+    except Exception as err:  # never break the import that triggered it
+        if not any(_initializing(n) for n in list(sys.modules)
+                   if n.partition(".")[0] == "transformers" and n != finished):
+            warnings.warn(f"linbench could not register its Auto classes: {err!r}")
+    finally:
+        _busy.release()
+    if len(_done) == 2:  # nothing left to do: leave the import system as it was
+        sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _AfterImport)]
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """While registration is pending, finds every transformers module through the other
+    finders and wraps its execution: when the outermost transformers import of this thread
+    completes (a safe point: no module of transformers is half-imported by this import
+    chain), it runs `_attempt`.
+
+    Safe points rather than the auto modules' own completion: transformers imports them
+    from inside other imports (`from transformers import LlamaConfig` runs
+    configuration_llama, which imports modeling_auto, which imports configuration_auto), so
+    when an auto module completes, LlamaConfig may not exist yet. By the time the outermost
+    import completes, every module it started has."""
 
     def find_spec(self, name, path=None, target=None):
-        if name not in (_CONFIG_AUTO, _MODEL_AUTO) or name in self._busy or name in _done:
+        if name.partition(".")[0] != "transformers" or len(_done) == 2:
             return None
-        self._busy.add(name)
-        try:
-            spec = importlib.util.find_spec(name)
-        finally:
-            self._busy.discard(name)
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return spec
-        run = spec.loader.exec_module
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        loader = spec.loader
+        if loader is None or isinstance(loader, type) or not hasattr(loader, "exec_module"):
+            return spec  # nothing of ours to wrap (a class is shared by many modules)
+        run = loader.exec_module
 
         def exec_module(module):
-            run(module)
+            _state.depth = getattr(_state, "depth", 0) + 1
             try:
-                _register(finished=name)
-            except Exception as err:  # never break transformers' own import
-                warnings.warn(f"linbench could not register its Auto classes: {err!r}")
-        spec.loader.exec_module = exec_module
+                run(module)
+            finally:
+                _state.depth -= 1
+            if _state.depth == 0:
+                _attempt(finished=name)
+        try:
+            loader.exec_module = exec_module
+        except AttributeError:
+            pass
         return spec
 
 
 def install() -> None:
-    """Register the Auto classes now or right after transformers imports its auto modules."""
-    _register()
+    """Register the Auto classes now, or at the first safe point after transformers imports
+    its auto modules."""
+    _attempt()
     if len(_done) < 2 and not any(isinstance(f, _AfterImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _AfterImport())

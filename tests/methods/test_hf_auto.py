@@ -89,25 +89,44 @@ def test_a_linbench_010_checkpoint_loads_with_its_logits(tmp_path):
     torch.testing.assert_close(_logits(again, want["input_ids"]), want["logits"], rtol=0, atol=1e-6)
 
 
-def test_fresh_process_import_linbench_then_transformers(tmp_path):
-    """The usual order in a new process: `import linbench` (which imports neither torch nor
-    transformers), then transformers: the post-import hook registers the Auto classes."""
+# Import orders of a new process, each followed by `from transformers import AutoConfig,
+# AutoModelForCausalLM` and the loads. "names" is the worst: transformers imports its auto
+# modules from inside LlamaConfig's own import, so LlamaConfig does not exist yet when they
+# complete (linbench once warned and registered nothing).
+ORDERS = {
+    "names": "import linbench\nfrom transformers import LlamaConfig, LlamaForCausalLM",
+    "auto": "import linbench\nfrom transformers import AutoConfig",
+    "transformers_first": "from transformers import LlamaForCausalLM\nimport linbench\n"
+                          "from linbench.methods import io",
+}
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_fresh_process_any_import_order(tmp_path, order):
+    """`import linbench` (which imports neither torch nor transformers) and transformers in
+    either order: AutoConfig and AutoModelForCausalLM load the checkpoint, with its logits,
+    and no warning is emitted (-W error::UserWarning)."""
     io.save_pretrained(_linearized("lolcats"), tmp_path)
     ids = _ids(16)
     torch.save({"ids": ids, "logits": _logits(io.from_pretrained(tmp_path), ids)}, tmp_path / "want.pt")
+    first, _, rest = ORDERS[order].partition("\n")
     script = textwrap.dedent(f"""
         import sys
-        import linbench
-        assert not [m for m in sys.modules if m.split(".")[0] in ("torch", "transformers")]
+        {first}
+        if {order!r} != "transformers_first":
+            assert not [m for m in sys.modules if m.split(".")[0] in ("torch", "transformers")]
+        """) + rest + textwrap.dedent(f"""
         import torch
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM
+        assert type(AutoConfig.from_pretrained({str(tmp_path)!r})).__name__ == "LinbenchLlamaConfig"
         model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r})
         want = torch.load({str(tmp_path / 'want.pt')!r})
         with torch.no_grad():
             err = (model(want["ids"]).logits - want["logits"]).abs().max().item()
         assert err <= 1e-6, err
         print("ok")
-    """)
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         cwd=Path(__file__).parents[2], timeout=300)
+        """)
+    run = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", script],
+                         capture_output=True, text=True, cwd=Path(__file__).parents[2], timeout=300)
     assert run.stdout.strip().endswith("ok"), run.stderr[-2000:]
+    assert "could not register" not in run.stderr, run.stderr[-2000:]
