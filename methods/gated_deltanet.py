@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from linbench.methods.base import LinearConfig, LinearMethod
-from linbench.methods.features import make_feature_map
+from linbench.methods.features import make_feature_maps
 from linbench.methods.mixers import GatedDeltaMix
 
 
@@ -37,6 +37,6 @@ class GatedDeltaNet(LinearMethod):
 
     def build_mixer(self, heads, head_dim, hidden, layer, layers):
         c = self.config
-        fm = make_feature_map(c.feature_map, heads, head_dim)
-        return GatedDeltaMix(fm, fm, hidden, heads, dt_min=c.dt_min, dt_max=c.dt_max,
+        fq, fk = make_feature_maps(c.feature_map, heads, head_dim)  # one each (learnable maps)
+        return GatedDeltaMix(fq, fk, hidden, heads, dt_min=c.dt_min, dt_max=c.dt_max,
                              a_init=c.a_init, backend=c.backend)

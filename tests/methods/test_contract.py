@@ -194,9 +194,14 @@ def test_roles_are_declared():
     assert list(roles.values()).count("parent") == 1
 
 
+# linbench's defaults that differ from the paper (methods/README.md, "Feature maps"): the
+# paper forms above are tested with the paper's setting
+PAPER = {"gla": {"feature_map": "identity"}, "deltanet": {"feature_map": "silu_l2"}}
+
+
 @pytest.mark.parametrize("name", [m for m in LINEAR if m in FORMS])
 def test_layer_matches_paper_form(name):
-    _, model = linearized(name)
+    _, model = linearized(name, **PAPER.get(name, {}))
     perturb(model)
     attn, h = _layer_heads(model, T=90)
     D = attn.head_dim
@@ -234,6 +239,15 @@ def test_swa_is_exact_softmax_within_its_window():
     with torch.no_grad():
         torch.testing.assert_close(model(x).logits, base(x).logits, rtol=1e-4, atol=1e-4)
         assert not torch.allclose(model(ids(100)).logits[:, -1], base(ids(100)).logits[:, -1], atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["gla", "deltanet"])
+def test_default_feature_map_is_a_learnable_hedgehog_map(name):
+    from linbench.methods.features import HedgehogFeatureMap
+    attn = linearized(name)[1].model.layers[0].self_attn
+    maps = [attn.mixer.fq, attn.mixer.fk] if hasattr(attn.mixer, "fq") else list(attn.mixer.children())
+    hedgehog = [m for m in maps if isinstance(m, HedgehogFeatureMap)]
+    assert hedgehog and all(p in set(attn.new_parameters()) for m in hedgehog for p in m.parameters())
 
 
 def test_initializations_follow_the_papers():
