@@ -53,21 +53,25 @@ class _Streamed(torch.autograd.Function):
     def forward(ctx, fn, W, L, maps, q, k, v, fq, fk, gamma, s0, *params):
         T = q.shape[1]
         out = v.new_empty(v.shape)
-        S, starts = s0, []
+        # the state at each group start, one tensor allocated once (no small tensors
+        # left between the groups' large ones: the heap stays unfragmented)
+        starts = None if s0 is None else s0.new_empty(-(-T // L), *s0.shape)
+        S = s0
         for s in range(0, T, L):
             e, lo = min(T, s + L), max(0, s - W)
-            starts.append(S)
+            if S is not None:
+                starts[s // L] = S
             q_g, k_e = q[:, s:e], k[:, lo:e]
             y, S = fn(q_g, k_e, v[:, lo:e], *_features(maps, q_g, k_e, _slice(fq, s, e),
                                                           _slice(fk, lo, e)), gamma, S, s - lo)
             out[:, s:e] = y
-        ctx.save_for_backward(q, k, v, fq, fk, gamma, *starts)
+        ctx.save_for_backward(q, k, v, fq, fk, gamma, starts)
         ctx.cfg = (fn, W, L, maps, params)
         return out
 
     @staticmethod
     def backward(ctx, dy):
-        q, k, v, fq, fk, gamma, *starts = ctx.saved_tensors
+        q, k, v, fq, fk, gamma, starts = ctx.saved_tensors
         fn, W, L, maps, params = ctx.cfg
         need = ctx.needs_input_grad[4:11]
         T = q.shape[1]
@@ -80,15 +84,14 @@ class _Streamed(torch.autograd.Function):
         want = [p for p, nd in zip(params, ctx.needs_input_grad[11:]) if nd]
         dparams = [torch.zeros_like(p, dtype=_wide(p)) for p in want]
         dS = None
-        for idx in reversed(range(len(starts))):
+        for idx in reversed(range(-(-T // L))):
             s = idx * L
             e, lo = min(T, s + L), max(0, s - W)
             with torch.enable_grad():
                 part = [_leaf(_slice(x, s, e) if i in (0, 3) else _slice(x, lo, e), need[i])
                         for i, x in enumerate(xs)]
                 g_in = _leaf(gamma, need[5])
-                S_in = starts[idx]
-                S_in = None if S_in is None else _leaf(S_in, idx > 0 or need[6])
+                S_in = None if starts is None else _leaf(starts[idx], idx > 0 or need[6])
                 feats = _features(maps, part[0], part[1], part[3], part[4])
                 y, S_out = fn(*part[:3], *feats, g_in, S_in, s - lo)
                 outs = [(y, dy[:, s:e].to(y.dtype))] + ([(S_out, dS)] if dS is not None else [])

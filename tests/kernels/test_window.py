@@ -192,13 +192,14 @@ class _Allocations(TorchDispatchMode):
         if all(r.alias_info is None for r in func._schema.returns):
             for t in (out if isinstance(out, (tuple, list)) else (out,)):
                 if isinstance(t, torch.Tensor):
-                    self.sizes.append(t.numel())
+                    self.sizes.append(tuple(t.shape))
         return out
 
 
-def _largest_intermediates(fn, leaves, T):
+def _largest_intermediates(fn, leaves, T, states=None):
     """(whole-sequence tensors created in forward, in backward, the largest other tensor):
-    whole-sequence = at least B * T * H elements."""
+    whole-sequence = at least B * T * H elements; `states`: the shape of the hybrid's
+    stack of group-start states (T / group of them, by design), left out."""
     seq = leaves[0].shape[0] * T * leaves[0].shape[2]
     do = None
     counts, largest = [], 0
@@ -210,8 +211,9 @@ def _largest_intermediates(fn, leaves, T):
                 torch.autograd.grad(out, leaves, do)
         if do is None:
             do = torch.randn_like(out)
-        counts.append(sum(n >= seq for n in rec.sizes))
-        largest = max([largest] + [n for n in rec.sizes if n < seq])
+        sizes = [torch.Size(s).numel() for s in rec.sizes if s != states]
+        counts.append(sum(n >= seq for n in sizes))
+        largest = max([largest] + [n for n in sizes if n < seq])
     return counts, largest
 
 
@@ -219,7 +221,7 @@ def test_chunked_memory_is_one_group_not_the_sequence(monkeypatch):
     """Forward and backward of both window forms at T = 1K and 2K (the hybrid given its
     feature maps, as HybridWindow calls it): the only whole-sequence tensors created are
     the output (forward) and one gradient per input (backward): no feature tensor of the
-    sequence; every other tensor is a group's (one block x (block + window) scores here),
+    sequence (besides, the hybrid keeps its T / group states); every other tensor is a group's (one block x (block + window) scores here),
     the same at both T (the quadratic reference would hold T x T, a blockwise form
     T x window)."""
     monkeypatch.setattr(chunked, "GROUP_SCORE_ELEMENTS", 1 << 10)  # one block of 16 per group
@@ -237,7 +239,7 @@ def test_chunked_memory_is_one_group_not_the_sequence(monkeypatch):
         hybrid = _largest_intermediates(
             lambda q, k, v, gamma, wq, wk: window_linear_attention_chunked(
                 q, k, v, mq, mk, window=window, gamma=gamma, block=block),
-            [q, k, v, gamma, mq.weight, mk.weight], T)
+            [q, k, v, gamma, mq.weight, mk.weight], T, states=(T // block, B, H, Fd, D + 1))
         assert swa[0] == [1, 3] and hybrid[0] == [1, 3], (swa, hybrid)
         largest[T] = (swa[1], hybrid[1])
         assert max(largest[T]) <= 4 * per_group, (largest[T], per_group)
