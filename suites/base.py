@@ -4,7 +4,9 @@ the report shows its metrics (`Suite.meta()`, copied into every record it produc
 `shared_map` splits a suite's batches across the ranks of a torch.distributed run
 (`linbench run --nproc N`, torchrun) and gathers the outcomes, so a suite that scores its
 batches through it gives the one-process numbers with N processes (suites may not import
-linbench.recovery.dist, the training side of the same rules).
+linbench.recovery.dist, the training side of the same rules). `world`, `gather_indexed`
+and `contiguous_shares` are its parts, for suites that split work of uneven cost
+(suites/prefix.py: lm-eval's model calls).
 """
 from __future__ import annotations
 
@@ -109,22 +111,49 @@ class Suite:
         raise NotImplementedError
 
 
+def world() -> tuple[int, int] | None:
+    """(rank, world size) under an initialized torch.distributed run of more than one
+    process; None otherwise (one process: callers keep their plain path)."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    return dist.get_rank(), dist.get_world_size()
+
+
+def gather_indexed(mine: list[tuple[int, Any]], size: int) -> list:
+    """Every rank's (index, value) pairs, exchanged with all_gather_object (keep values
+    small and on the CPU), as one list of `size` values in index order, on every rank."""
+    import torch.distributed as dist
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, mine)
+    out: list = [None] * size
+    for part in parts:
+        for i, value in part:
+            out[i] = value
+    return out
+
+
+def contiguous_shares(costs: list[float], n: int) -> list[int]:
+    """The rank (0..n-1) of each unit of work, in order: contiguous runs of units of about
+    equal summed cost (a unit goes where the midpoint of its cost falls)."""
+    total = float(sum(costs))
+    if total <= 0:
+        return [min(k * n // max(len(costs), 1), n - 1) for k in range(len(costs))]
+    out, before = [], 0.0
+    for c in costs:
+        out.append(min(int(n * (before + c / 2) / total), n - 1))
+        before += c
+    return out
+
+
 def shared_map(fn: Callable, items: list, wrap: Callable | None = None) -> list:
     """[fn(x) for x in items], in order, on every rank: under torch.distributed rank r
     computes items r, r+N, r+2N, ... and the outcomes are exchanged (all_gather_object:
     keep them small and on the CPU). Outcomes depend only on the item, so the result is the
     one-process result whatever N is. `wrap` wraps this rank's iteration (a progress bar).
     """
-    import torch.distributed as dist
     wrap = wrap or (lambda it: it)
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if (w := world()) is None:
         return [fn(x) for x in wrap(items)]
-    rank, n = dist.get_rank(), dist.get_world_size()
-    mine = [(i, fn(items[i])) for i in wrap(range(rank, len(items), n))]
-    parts: list = [None] * n
-    dist.all_gather_object(parts, mine)
-    out: list = [None] * len(items)
-    for part in parts:
-        for i, value in part:
-            out[i] = value
-    return out
+    rank, n = w
+    return gather_indexed([(i, fn(items[i])) for i in wrap(range(rank, len(items), n))], len(items))

@@ -151,6 +151,8 @@ def make_lm(model, tokenizer, batch_size: int, progress: bool = True, prefix_reu
     progress: show HFLM's "Running loglikelihood requests" bar (one bar for the run).
     prefix_reuse: compute each prompt prefix shared by several requests once and continue
     every request from a copy of its cache (suites/prefix.py); False: HFLM's own path.
+    Under torch.distributed (N > 1 ranks) either path runs only this rank's share of the
+    model calls and gathers the rest: every rank gets the one-process answers.
 
     HFLM calls `model.eval()` and `model.tie_weights()`, and gives the tokenizer a pad
     token if it has none (SmolLM2's has one).

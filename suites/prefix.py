@@ -23,6 +23,18 @@ falls back to HFLM's own path with a warning saying why. Requests HFLM would tru
 the left (longer than max_length + 1 tokens) always take HFLM's path.
 
 `prefix_reuse=False` is HFLM's path unchanged (the slow, obvious twin).
+
+Distributed (torch.distributed initialized, N > 1 ranks; suites.base.world): lm-eval
+still builds every request on every rank, but each rank runs only its share of the model
+calls and the answers are exchanged (all_gather_object), so every rank returns the whole
+list. The units shared out are the batches one process would run, formed exactly as one
+process forms them: prefix reuse's (group, batch of suffixes) in plan order, HFLM's own
+batches (`hflm_batches`, lm-eval's Collator order) on the plain path; each rank takes a
+contiguous run of about equal padded tokens (base.contiguous_shares) and computes a
+group's prefix again when the group's batches straddle two ranks (the same forward).
+Every request is computed in the same batch with the same padding as in one process:
+the same floats. One process, or HFLM's automatic batch size (batches sized while
+running): unchanged code, every request on this process.
 """
 from __future__ import annotations
 
@@ -36,6 +48,8 @@ import torch
 import torch.nn.functional as F
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
+
+from linbench.suites.base import contiguous_shares, gather_indexed, world
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +108,29 @@ def plan_groups(items: list[Item], min_prefix: int = MIN_PREFIX) -> list[tuple[l
     return [([order[k] for k in range(lo, hi + 1)], p) for lo, hi, p in split(0, len(items) - 1, 0)[1]]
 
 
+def hflm_batches(requests, batch_size: int, grouped: bool) -> list[tuple[list[int], int]]:
+    """The batches HFLM's `_loglikelihood_tokens` runs, as ([request indices], padded
+    tokens): lm-eval's Collator with `grouped` (group_by="contexts": requests sharing
+    context + continuation[:-1] run once, on the member with the longest continuation)
+    sorted by (-len(context + continuation), tokens), cut into batches of `batch_size`.
+    A subset made of whole batches is cut by HFLM into the same batches (all but the last
+    are full), so each rank can hand HFLM its batches in one call."""
+    if grouped:
+        groups: dict[tuple, list[int]] = {}
+        for r, (_, ctx, cont) in enumerate(requests):
+            groups.setdefault(tuple(ctx + cont[:-1]), []).append(r)
+        units = [(max(g, key=lambda r: len(requests[r][2])), g) for g in groups.values()]
+    else:
+        units = [(r, [r]) for r in range(len(requests))]
+
+    def toks(unit):
+        return requests[unit[0]][1] + requests[unit[0]][2]
+    units.sort(key=lambda u: (-len(toks(u)), tuple(toks(u))))
+    return [([r for _, g in units[k:k + batch_size] for r in g],
+             len(units[k:k + batch_size]) * len(toks(units[k])))
+            for k in range(0, len(units), batch_size)]
+
+
 def clone_cache(cache, batch: int):
     """A copy of a batch-1 cache, repeated to `batch` rows; the original is untouched.
 
@@ -139,13 +176,42 @@ class PrefixReuseLM(HFLM):
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
         if not self.prefix_reuse or self.fallback_reason or self.backend != "causal":
-            return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
+            return self._plain(requests, disable_tqdm, override_bs)
         try:
             return self._reuse(requests, disable_tqdm, override_bs)
         except _Fallback as exc:
             self.fallback_reason = str(exc)
             log.warning("prefix reuse off for this model, HFLM's path instead: %s", exc)
+            return self._plain(requests, disable_tqdm, override_bs)
+
+    def _plain(self, requests, disable_tqdm, override_bs):
+        """HFLM's path; distributed, each rank runs its share of HFLM's batches."""
+        w = world()
+        bs = override_bs if self.batch_size == "auto" else self.batch_size
+        if w is None or not requests or not bs:
             return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
+        rank, n = w
+        batches = hflm_batches(requests, int(bs), self.backend == "causal" and self.logits_cache)
+        owner = contiguous_shares([cost for _, cost in batches], n)
+        mine = sorted(r for (rs, _), o in zip(batches, owner) if o == rank for r in rs)
+        res: list = [None] * len(requests)
+        if mine:
+            answers = super()._loglikelihood_tokens([requests[r] for r in mine], disable_tqdm, override_bs)
+            for r, ans in zip(mine, answers):
+                res[r] = ans
+        return self._exchange(requests, res, mine)
+
+    def _exchange(self, requests, res: list, mine: list[int]) -> list:
+        """res, holding this rank's answers (requests `mine`), completed with every other
+        rank's (all_gather_object; the response-cache hook sees those too)."""
+        got = gather_indexed([(r, res[r]) for r in mine], len(requests))
+        own = set(mine)
+        for r, ans in enumerate(got):
+            if ans is not None and r not in own:
+                res[r] = ans
+                if requests[r][0] is not None:
+                    self.cache_hook.add_partial("loglikelihood", requests[r][0], ans)
+        return res
 
     def _reuse(self, requests, disable_tqdm, override_bs):
         res: list = [None] * len(requests)
@@ -161,29 +227,42 @@ class PrefixReuseLM(HFLM):
         items = list(items.values())
         groups = plan_groups(items, self.min_prefix)
         bs = max(int(self.batch_size if isinstance(self.batch_size, int) else override_bs or 1), 1)
-        checked = self._check(items, groups) if not self._checked else None
+        checked = self._check(items, groups) if not self._checked else None   # on every rank
         if long:
-            for r, ans in zip(long, super()._loglikelihood_tokens([requests[r] for r in long],
-                                                                 disable_tqdm, override_bs)):
+            for r, ans in zip(long, self._plain([requests[r] for r in long], disable_tqdm, override_bs)):
                 res[r] = ans
-        pbar = tqdm(total=len(requests) - len(long), disable=disable_tqdm or self.rank != 0,
-                    desc="Running loglikelihood requests (prefix reuse)")
         self.stats["inputs"] += len(items)
         self.stats["tokens_plain"] += sum(len(item.tokens) for item in items)
+        groups = [(sorted(members, key=lambda i: -len(items[i].tokens)), p)  # as HFLM: little padding
+                  for members, p in groups]
+        batches = [(g, members[b0:b0 + bs]) for g, (members, p) in enumerate(groups)
+                   for b0 in range(0, len(members), bs)]
+        w = world()
+        if w is not None:   # this rank's batches: a contiguous run of about equal tokens
+            costs = [len(b) * (len(items[b[0]].tokens) - groups[g][1])          # padded suffixes
+                     + (groups[g][1] if b[0] == groups[g][0][0] else 0)        # + the prefix, once
+                     for g, b in batches]
+            batches = [batch for batch, o in zip(batches, contiguous_shares(costs, w[1])) if o == w[0]]
+        mine = [r for _, b in batches for i in b for r in items[i].requests]
+        pbar = tqdm(total=len(mine), disable=disable_tqdm or self.rank != 0,
+                    desc="Running loglikelihood requests (prefix reuse)")
         for members, p in groups:
             self.stats["shared_groups"] += bool(p)
             self.stats["tokens_run"] += p + sum(len(items[i].tokens) - p for i in members)
-            head = items[members[0]].tokens[:p]
-            cache = (checked[1] if checked and checked[0] == head else self._prefix_cache(head)) if p else None
-            members = sorted(members, key=lambda i: -len(items[i].tokens))  # as HFLM: little padding
-            for b0 in range(0, len(members), bs):
-                batch = [items[i] for i in members[b0:b0 + bs]]
-                for item, logprobs in zip(batch, self._score(batch, p, cache)):
-                    for r in item.requests:
-                        res[r] = self._answer(requests[r], logprobs)
-                        pbar.update(1)
+        cache, cached = None, None
+        for g, members in batches:
+            p = groups[g][1]
+            if p and cached != g:
+                head = items[groups[g][0][0]].tokens[:p]
+                cache = checked[1] if checked and checked[0] == head else self._prefix_cache(head)
+                cached = g
+            batch = [items[i] for i in members]
+            for item, logprobs in zip(batch, self._score(batch, p, cache if p else None)):
+                for r in item.requests:
+                    res[r] = self._answer(requests[r], logprobs)
+                    pbar.update(1)
         pbar.close()
-        return res
+        return res if w is None else self._exchange(requests, res, mine)
 
     def _answer(self, request, logprobs):
         """HFLM's (log-likelihood, is_greedy) of one request from its input's log-probs."""

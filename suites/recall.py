@@ -26,6 +26,10 @@ tokens per sample per task, about 10 min per task at samples=2). Prompts are
 seeded by (ctx.seed, task, cell, sample): a cell's prompts do not depend on the rest of
 the grid. Each cell also records `in_window_frac`, mean prompt `tokens` and the first
 sample's output (`example`); kv and squad cells carry the same fields.
+
+Distributed (torch.distributed, N ranks): each task's prompts are shared out round-robin
+(base.shared_map) and the outputs gathered; every prompt is decoded alone, so the record
+is the one-process record.
 """
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from linbench.suites import text
-from linbench.suites.base import Record, RunContext, Suite, accuracy
+from linbench.suites.base import Record, RunContext, Suite, accuracy, shared_map
 from linbench.suites.generate import greedy_text
 from linbench.suites.lmeval import binomial_metric
 
@@ -262,17 +266,19 @@ class Recall(Suite):
         model.eval()
         try:
             for task, points in plan.items():
-                bar = tqdm(total=sum(len(ps) for _, ps in points), desc=f"recall {task}",
-                           disable=not ctx.progress, leave=False)
+                # every prompt of the task, split across the ranks of a distributed run
+                prompts = [p for _, ps in points for p in ps]
+                outputs = shared_map(
+                    lambda p: greedy_text(model, tokenizer, p.ids, MAX_NEW[task]), prompts,
+                    lambda it: tqdm(it, desc=f"recall {task}", disable=not ctx.progress, leave=False))
                 cells, hits, flags, ids = [], [], [], []
                 for point, prompts in points:
-                    cell, got, inside = self._point(task, point, prompts, model, tokenizer,
-                                                    window, bar)
+                    outs, outputs = outputs[:len(prompts)], outputs[len(prompts):]
+                    cell, got, inside = self._point(task, point, prompts, outs, window)
                     cells.append(cell)
                     hits += got
                     flags += inside
                     ids += self.item_ids(task, point, len(prompts), ctx)
-                bar.close()
                 metrics[task] = binomial_metric(hits)
                 items[task] = {"ids": ids, "values": [int(h) for h in hits]}
                 if task in ("passkey", "needle"):
@@ -304,15 +310,12 @@ class Recall(Suite):
         return [f"squad/{q.id}" for q in qs]
 
     @staticmethod
-    def _point(task, point, prompts, model, tokenizer, window, bar):
-        """Generate and score one grid point: (cell dict, 0/1 hits, in-window flags)."""
-        got, inside, outputs = [], [], []
-        for p in prompts:
-            out = greedy_text(model, tokenizer, p.ids, MAX_NEW[task])
+    def _point(task, point, prompts, outputs, window):
+        """Score one grid point's generated outputs: (cell dict, 0/1 hits, in-window flags)."""
+        got, inside = [], []
+        for p, out in zip(prompts, outputs):
             got.append(float(score(task, p, out)))
             inside.append(in_window(p.distance, window))
-            outputs.append(out)
-            bar.update(1)
         m = binomial_metric(got)
         known = [f for f in inside if f is not None]
         cell = {**point, "acc": m.value, "n": m.n,
