@@ -239,8 +239,14 @@ def _parsed(parse_name: str):
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch CPU threads (default: torch's; 1 is steadier on a shared machine). "
                    "Part of the recorded device, so rows with other thread counts never mix.")
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+              help="N > 1: also time the kernel modes of the methods LASP-2 covers (lightning, "
+                   "gla, hedgehog) split by sequence over N processes on this machine (gloo on "
+                   "CPU, one GPU per process on CUDA), --threads each; rows with nproc=N beside "
+                   "the one-process rows.")
 def speed(seqlens, methods, modes, batch, heads, dim, dtype, device, backend, time_cap,
-          mem_limit, target_seconds, model, prefill_chunk, results_dir, force, quiet, threads):
+          mem_limit, target_seconds, model, prefill_chunk, results_dir, force, quiet, threads,
+          nproc):
     """Time every method over sequence length; one record per (method, mode, shape)."""
     from linbench import registry
     if threads:
@@ -253,6 +259,14 @@ def speed(seqlens, methods, modes, batch, heads, dim, dtype, device, backend, ti
     device = device or _default_device()
     check_device(device)
     cuda = device.startswith("cuda")
+    if nproc > 1 and not set(modes) & {"fwd", "fwdbwd"}:
+        raise LinbenchError(f"--nproc {nproc} times kernel-level rows: give --mode fwd and/or "
+                            f"fwdbwd (got --mode {','.join(modes)})")
+    if nproc > 1 and cuda:
+        import torch
+        if torch.cuda.device_count() < nproc:
+            raise LinbenchError(f"--nproc {nproc} on CUDA needs one GPU per process; "
+                                f"{torch.cuda.device_count()} visible")
     if not methods:
         methods = registry.methods.names() + (list(FLA_PEERS) if fla_available(device) else [])
     for name in methods:
@@ -265,7 +279,7 @@ def speed(seqlens, methods, modes, batch, heads, dim, dtype, device, backend, ti
                       heads or (32 if cuda else 8), dim or (128 if cuda else 64),
                       dtype or ("bfloat16" if cuda else "float32"), device, backend, time_cap,
                       model, results_dir, force, mem_limit and int(mem_limit * 2**30),
-                      target_seconds, prefill_chunk=prefill_chunk)
+                      target_seconds, prefill_chunk=prefill_chunk, nproc=nproc)
     records = sweep(cfg, echo=(lambda s: None) if quiet else (lambda s: click.echo(s, err=True)))
     for table in tables(records):
         click.echo(table + "\n")

@@ -4,7 +4,9 @@ A quality record's key is its suite and suite version, the evaluator (lm-eval) v
 the base model (name and file hash) and the dtype. A speed record (suite "speed", written
 by `linbench speed`) is keyed by its level (kernel | model), device, package versions,
 shape (batch, heads, head dim), dtype and base model ("kernel" at kernel level); its mode,
-sequence length and backend tell its rows apart inside one table.
+sequence length, backend and process count (nproc: `linbench speed --nproc`, LASP-2
+sequence parallelism; a record without it ran in one process, nproc 1) tell its rows
+apart inside one table.
 
 `fields(record)` flattens every one of these into a dict (the key columns of the report's
 frame); `key(record)` is the tuple of the fields that make up the record's key.
@@ -16,7 +18,7 @@ SPEED = "speed"  # the suite of the records `linbench speed` writes
 QUALITY_KEY = ("suite", "suite_version", "lm_eval", "model", "model_hash", "dtype")
 SPEED_KEY = ("suite", "suite_version", "level", "device", "versions", "batch", "heads", "dim",
              "dtype", "model", "model_hash")
-SPEED_ROW = ("mode", "seqlen", "backend")  # within one speed key
+SPEED_ROW = ("mode", "seqlen", "backend", "nproc")  # within one speed key
 FIELDS = ("kind", "suite", "suite_version", "lm_eval", "model", "model_hash", "dtype", "device",
           "versions", "level", "mode", "seqlen", "batch", "heads", "dim", "backend")
 
@@ -45,6 +47,7 @@ def fields(record: dict) -> dict:
         "device": details.get("device") or record.get("device"),
         "versions": versions_text(versions),
         **{f: details.get(f) for f in ("level", *SPEED_ROW, "batch", "heads", "dim")},
+        "nproc": (details.get("nproc") or 1) if speed else None,
     }
 
 

@@ -4,7 +4,10 @@
 Speed rows are comparable only on the same device, package versions, level (kernel or
 model) and shape (batch, heads, head dim, dtype; the base model too at model level):
 linbench.records.keys. Throughput is compared with the parent row (method_role "parent")
-of the same mode and sequence length.
+of the same mode and sequence length. Rows measured over several processes
+(`linbench speed --nproc N`, LASP-2 sequence parallelism; details["nproc"]) sit beside the
+one-process rows in a "procs" column, shown when a table has any; their peak memory is the
+largest rank's.
 """
 from __future__ import annotations
 
@@ -47,13 +50,20 @@ def setup_notes(recs: list[dict]) -> list[str]:
     return [f"{text} ({', '.join(map(str, who))})" for text, who in groups.items()]
 
 
+def _nproc(rec: dict) -> int:
+    """Processes the row ran on (records without details["nproc"]: 1)."""
+    return _details(rec).get("nproc") or 1
+
+
 def speed_table(recs: list[dict]):
     """(columns, rows, notes, title) for the records of one speed key, in row order."""
     parents = {(_details(r).get("mode"), _details(r).get("seqlen")): r
-               for r in recs if r.get("method_role") == "parent"}
+               for r in recs if r.get("method_role") == "parent" and _nproc(r) == 1}
+    procs = any(_nproc(r) > 1 for r in recs)
     who = next(iter(parents.values())).get("method") if parents else "parent"
     gpu = [c for c in GPU_COLUMNS if any(_details(r).get(c[0]) is not None for r in recs)]
-    columns = ["method", "mode", "seqlen", "status", "ms (median)", "ms q20-q80", "tokens/s",
+    columns = ["method", "mode", "seqlen", *["procs"] * procs, "status", "ms (median)",
+               "ms q20-q80", "tokens/s",
                f"tokens/s vs {who}", "peak mem", "state bytes", "backend", *[c[1] for c in gpu]]
     rows, notes = [], []
     for r in recs:
@@ -73,7 +83,7 @@ def speed_table(recs: list[dict]):
             sb = state_bytes_of(r)[0]
         row = [Cell(r.get("method") or "?", f"{plugin_meta.row_rank(r)[0]} {r.get('method')}"),
                Cell(d.get("mode") or "-"), Cell(str(d.get("seqlen", "-")), d.get("seqlen")),
-               Cell(r.get("status") or "?"),
+               *[Cell(str(_nproc(r)), _nproc(r))] * procs, Cell(r.get("status") or "?"),
                Cell("-" if ms is None else f"{ms:.4g}", ms),
                Cell(f"{q20:.4g}-{q80:.4g}" if q20 is not None and q80 is not None else "-", q20),
                Cell(fmt_count(tps), tps), vs,
@@ -82,8 +92,15 @@ def speed_table(recs: list[dict]):
         row += [Cell("-" if d.get(k) is None else f.format(d[k]), d.get(k)) for k, _, f in gpu]
         rows.append(row)
         if r.get("status") != "ok":
-            notes.append(f"{r.get('method')} {d.get('mode')} T={d.get('seqlen')}: {r.get('status')}"
+            where = f" nproc={_nproc(r)}" if _nproc(r) > 1 else ""
+            notes.append(f"{r.get('method')}{where} {d.get('mode')} T={d.get('seqlen')}: "
+                         f"{r.get('status')}"
                          + (f": {why}" if (why := r.get("error") or d.get("note")) else ""))
+    if procs:
+        n = sorted({_nproc(r) for r in recs if _nproc(r) > 1})
+        notes.append(f"procs {', '.join(map(str, n))}: LASP-2 sequence parallelism over that many "
+                     "processes on this machine (linbench speed --nproc); tokens/s of the whole "
+                     "sequence, peak mem of the largest rank")
     notes += setup_notes(recs)
     first, d0 = recs[0], _details(recs[0])
     v = first.get("versions") or {}

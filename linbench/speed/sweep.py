@@ -11,6 +11,11 @@ extrapolated from the smaller T (and bounded below by its inputs or KV cache), e
 the cap or the available memory is recorded without running, so a CPU never swaps.
 Finished records are reused (unless force), so an interrupted sweep resumes.
 
+    linbench speed --nproc N ...   (N > 1; kernel modes)
+
+adds, beside the one-process kernel rows, rows of the methods whose mixer LASP-2 covers
+measured over N processes (linbench.speed.parallel), with nproc in their shape and details.
+
 This module imports no torch at import time (the CLI parses --seqlen with it).
 """
 from __future__ import annotations
@@ -57,6 +62,7 @@ class SpeedConfig:
     target_s: float = 1.0            # length of each timed loop
     max_reps: int = 50
     prefill_chunk: int = 4096        # model level: tokens per chunk of a prefill
+    nproc: int = 1                   # > 1: also LASP-2 kernel rows over nproc processes
 
 
 def _reusable(record: dict | None, cfg: SpeedConfig) -> dict | None:
@@ -106,10 +112,13 @@ class _Sweep:
         self.out: list[dict] = []
 
     def rows(self, name, level, method_cfg, modes, build, shape, model_hashed=None,
-             model_record=None, role=None):
-        """Every (mode, T) of one target: reuse, predict or measure, and store each row."""
+             model_record=None, role=None, measure=None):
+        """Every (mode, T) of one target: reuse, predict or measure, and store each row.
+        measure: run_shape's stand-in (linbench.speed.parallel.run_parallel_shape for the
+        --nproc rows, which warm up in their own processes)."""
         from linbench.speed.timing import Guard, run_shape
         cfg, env = self.cfg, self.env
+        tag = f" nproc={shape['nproc']}" if shape.get("nproc", 1) > 1 else ""
         guards = {m: Guard() for m in modes}
         target = None
         for mode in modes:
@@ -129,17 +138,17 @@ class _Sweep:
                     d = rec["details"]
                     guards[mode].observe(T, rec["status"], d.get("cost_s"),
                                          d.get("peak_mem_bytes"))
-                    self.echo(f"[speed] {name} {mode} T={fmt_len(T)}: reusing {rec['status']} "
+                    self.echo(f"[speed] {name}{tag} {mode} T={fmt_len(T)}: reusing {rec['status']} "
                               f"record {path}")
                     self.out.append(rec)
                     continue
                 target = target or build()
-                if not warm:
+                if not warm and measure is None:
                     _warm_up(target, mode, min(256, *cfg.seqlens))
                     warm = True
                 t0 = time.time()
-                status, metrics, details = run_shape(target, mode, T, cfg, self.dtype,
-                                                     env["device"], guards[mode], cheaper)
+                status, metrics, details = (measure or run_shape)(
+                    target, mode, T, cfg, self.dtype, env["device"], guards[mode], cheaper)
                 rec = schema.build(
                     env=env, model=model_record or {"name": "kernel"}, method=name,
                     suite=SUITE, suite_version=SUITE_VERSION, config=config, config_hash=key,
@@ -156,16 +165,18 @@ class _Sweep:
                           f"{_si(metrics['tokens_per_s']['value'])} tok/s"
                 else:
                     msg = details.get("note", "")
-                self.echo(f"[speed] {name} {mode} T={fmt_len(T)}: {status} {msg}")
+                self.echo(f"[speed] {name}{tag} {mode} T={fmt_len(T)}: {status} {msg}")
 
 
-def _announce(cfg: SpeedConfig, run, kernel_modes, model_modes, peers, echo) -> dict:
+def _announce(cfg: SpeedConfig, run, kernel_modes, model_modes, peers, echo,
+              n_parallel: int = 0) -> dict:
     """Print the number of shapes and a time estimate before any runs (upper bound: every
     shape at the time cap). The rate is the median seconds per shape of earlier speed
     records on this device, else a rough default."""
     import statistics
     n_model = len([n for n in cfg.methods if n not in peers])
-    shapes = len(cfg.seqlens) * (len(cfg.methods) * len(kernel_modes) + n_model * len(model_modes))
+    shapes = len(cfg.seqlens) * ((len(cfg.methods) + n_parallel) * len(kernel_modes)
+                                 + n_model * len(model_modes))
     history = [r for r in run.store.scan()[0] if r.get("suite") == SUITE
                and r.get("device") == run.env["device"] and r.get("status") == "ok"
                and isinstance(r.get("seconds"), (int, float))]
@@ -176,8 +187,9 @@ def _announce(cfg: SpeedConfig, run, kernel_modes, model_modes, peers, echo) -> 
         per, basis = 3 * cfg.target_s + 1, "rough default: 3 timed loops + 1 s per shape"
     est = shapes * per
     fmt = lambda s: f"{s:.0f} s" if s < 90 else (f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h")  # noqa: E731
+    par = f" + {n_parallel} x {len(kernel_modes)} over {cfg.nproc} processes" if n_parallel else ""
     echo(f"[speed] plan: {shapes} shapes ({len(cfg.methods)} methods x {len(kernel_modes)} kernel "
-         f"modes + {n_model} x {len(model_modes)} model modes, x {len(cfg.seqlens)} lengths "
+         f"modes{par} + {n_model} x {len(model_modes)} model modes, x {len(cfg.seqlens)} lengths "
          f"{fmt_len(cfg.seqlens[0])}..{fmt_len(cfg.seqlens[-1])}); estimate ~{fmt(est)} ({basis}), "
          f"at most {fmt(shapes * cfg.time_cap)} at --time-cap {cfg.time_cap:g} s per shape; "
          f"finished shapes are reused")
@@ -194,7 +206,19 @@ def sweep(cfg: SpeedConfig, echo=print, model: ModelSource | None = None) -> lis
     run = _Sweep(cfg, echo)
     kernel_modes = [m for m in cfg.modes if m in ("fwd", "fwdbwd")]
     model_modes = [m for m in cfg.modes if m in ("prefill", "decode")]
-    _announce(cfg, run, kernel_modes, model_modes, FLA_PEERS, echo)
+    parallel = []  # (name, target) of the --nproc rows
+    if kernel_modes and cfg.nproc > 1:
+        from linbench.speed.parallel import parallel_target
+        for name in cfg.methods:
+            target, what = (None, "an fla peer") if name in FLA_PEERS else \
+                parallel_target(name, cfg, run.dtype)
+            if target is None:
+                echo(f"[speed] {name}: nproc={cfg.nproc} rows skipped: LASP-2 does not cover "
+                     f"{what}")
+            else:
+                echo(f"[speed] {name}: nproc={cfg.nproc} rows through LASP-2 {what}")
+                parallel.append((name, target))
+    _announce(cfg, run, kernel_modes, model_modes, FLA_PEERS, echo, len(parallel))
     shape = {"batch": cfg.batch, "heads": cfg.heads, "dim": cfg.dim}
     for name in cfg.methods if kernel_modes else []:
         if name in FLA_PEERS:
@@ -208,6 +232,12 @@ def sweep(cfg: SpeedConfig, echo=print, model: ModelSource | None = None) -> lis
         role = "peer" if name in FLA_PEERS else registry.methods.get(name).role
         run.rows(name, "kernel", target.config, kernel_modes, lambda t=target: t, shape,
                  role=role)
+    if parallel:
+        from linbench.speed.parallel import run_parallel_shape
+        for name, target in parallel:
+            run.rows(name, "kernel", target.config, kernel_modes, lambda t=target: t,
+                     {**shape, "nproc": cfg.nproc}, role=registry.methods.get(name).role,
+                     measure=run_parallel_shape)
 
     if model_modes:
         source = model or default_model_source(cfg)
