@@ -39,6 +39,7 @@ running): unchanged code, every request on this process.
 from __future__ import annotations
 
 import copy
+import hashlib
 import inspect
 import logging
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ import torch.nn.functional as F
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
+from linbench.errors import LinbenchError
 from linbench.suites.base import contiguous_shares, gather_indexed, world
 
 log = logging.getLogger(__name__)
@@ -131,6 +133,17 @@ def hflm_batches(requests, batch_size: int, grouped: bool) -> list[tuple[list[in
             for k in range(0, len(units), batch_size)]
 
 
+def _same_on_every_rank(requests) -> None:
+    """Raise on every rank unless all ranks hold the same requests in the same order (a
+    digest of each request's lengths, last context tokens and continuation, exchanged):
+    the shares are planned from them."""
+    h = hashlib.sha1(repr([(len(ctx), ctx[-16:], cont) for _, ctx, cont in requests]).encode())
+    digests = gather_indexed([(world()[0], h.hexdigest())], world()[1])
+    if len(set(digests)) > 1:
+        raise LinbenchError(f"the ranks built different lm-eval requests ({len(requests)} here): "
+                            "they must build the same ones to share the model calls")
+
+
 def clone_cache(cache, batch: int):
     """A copy of a batch-1 cache, repeated to `batch` rows; the original is untouched.
 
@@ -175,6 +188,8 @@ class PrefixReuseLM(HFLM):
         return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not self.progress)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+        if world() is not None:
+            _same_on_every_rank(requests)
         if not self.prefix_reuse or self.fallback_reason or self.backend != "causal":
             return self._plain(requests, disable_tqdm, override_bs)
         try:

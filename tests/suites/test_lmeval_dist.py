@@ -89,6 +89,15 @@ def _worker(rank: int, world: int, tmp: str) -> None:
     from linbench.assets.models import load_tokenizer
     tokenizer = load_tokenizer("smollm2-135m")
     out = {"scores": scores(tokenizer), "recall": recall(tokenizer)}
+    # ranks holding different requests: an error on every rank, before any model call
+    from linbench.errors import LinbenchError
+    from tests.suites.test_prefix_reuse import model_for
+    lm = PrefixReuseLM(pretrained=model_for("softmax"), tokenizer=tokenizer, batch_size=3, progress=False)
+    try:
+        lm._loglikelihood_tokens([(None, [1, 2, 3], [4 + rank])])
+        out["mismatch"] = None
+    except LinbenchError as exc:
+        out["mismatch"] = str(exc)
     torch.save(out, Path(tmp) / f"rank{rank}.pt")
     tdist.destroy_process_group()
 
@@ -139,6 +148,11 @@ def test_recall_prompts_split_across_ranks(spawned):
     assert all(out["recall"][0] == record for out in ranks)
     share = [out["recall"][1] for out in ranks]
     assert sum(share) == decoded and all(0 < c < decoded for c in share)
+
+
+def test_ranks_with_different_requests_stop(spawned):
+    ranks, _ = spawned
+    assert all("ranks built different lm-eval requests" in (out["mismatch"] or "") for out in ranks)
 
 
 def test_hflm_batches_are_lm_evals():
