@@ -109,7 +109,14 @@ def from_pretrained(path, dtype=torch.float32, device="cpu"):
         raise ValueError(f"checkpoint {path} lacks {len(missing)} tensors, e.g. {missing[:3]}")
     _rebuild_buffers(model, method)
     model.config.linbench = {**saved, **model.config.linbench}  # rebuilt keys win
-    return model.to(device=device, dtype=dtype).eval()
+    # parameters in `dtype`; buffers keep the dtype their modules build them in (rotary
+    # inverse frequencies stay fp32, as transformers' own loader keeps them), so the loaded
+    # model computes exactly what the saved one did
+    model = model.to(device=device)
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+    return model.eval()
 
 
 def _rebuild_buffers(model, method):

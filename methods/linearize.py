@@ -37,9 +37,11 @@ def swap_attention(model, method):
         mixer = method.build_mixer(heads, head_dim, cfg.hidden_size, i, len(layers))
         new = LinearizedAttention(base, mixer, norm=method.norm, output_gate=method.output_gate)
         new.softmax_cls = type(base)  # what restore_softmax puts back
-        for p in new.new_parameters():  # new parameters follow the model's device and dtype
-            p.data = p.data.to(device=ref.device, dtype=ref.dtype)
+        # new parameters follow the model's device and dtype (Module.to swaps in new
+        # Parameters where a data swap cannot, e.g. onto the meta device of a loader)
         new.to(device=ref.device)
+        for p in new.new_parameters():
+            p.data = p.data.to(dtype=ref.dtype)
         layer.self_attn = new
     cfg.linbench = {"method": method.name, "config": method.config_dict(),
                     "window": method.window(), "softmax_layers": sorted(keep)}
