@@ -66,6 +66,7 @@ class Method:
 # (arXiv 2404.02948), EVA (arXiv 2410.07170) or CorDA (arXiv 2406.05223); "bone" is peft's
 # MiSS, the successor of Bone (arXiv 2409.15371). linbench.recovery.adapters builds them.
 ADAPTERS = ("lora", "pissa", "eva", "corda", "bone")
+INITS = ("calibrated", "paper")  # see LinearConfig.init
 # keep_softmax_layers="auto:N" ranks layers by held-out attention-transfer MSE, "auto_kl:N"
 # by the KL of the next-token distribution with only that layer linearized.
 AUTO_CRITERIA = {"auto": "transfer_mse", "auto_kl": "kl"}
@@ -112,6 +113,8 @@ class LinearConfig(MethodConfig):
         auto_softmax(self)
         if self.adapter not in ADAPTERS:
             raise one_of("adapter", self.adapter, ADAPTERS)
+        if self.init not in INITS:
+            raise one_of("init", self.init, INITS)
         if not isinstance(self.transfer_blocks, int) or isinstance(self.transfer_blocks, bool) \
                 or self.transfer_blocks < 0:
             raise LinbenchError(f"transfer_blocks: bad value {self.transfer_blocks!r}; valid: 0 "

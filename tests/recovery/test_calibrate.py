@@ -87,3 +87,9 @@ def test_recovery_calibrates_only_when_asked(init, tmp_path):
     else:
         assert model.config.linbench["calibration"]["tokens"] == 256
         assert (weights - 1).abs().max() > 0.2    # moved to the teacher's scale
+
+
+def test_an_unknown_init_is_one_clear_error():
+    from linbench.errors import LinbenchError
+    with pytest.raises(LinbenchError, match=r"unknown init 'calbrated' \(choose from: calibrated, paper\)"):
+        registry.methods.get("gla")(init="calbrated")
