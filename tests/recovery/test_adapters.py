@@ -19,13 +19,6 @@ from tests.recovery.test_recovery import ByteTokenizer, write_corpus
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def linearized(adapter, **kw):
     method = registry.methods.get("hedgehog")(adapter=adapter, **kw)

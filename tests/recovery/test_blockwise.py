@@ -19,13 +19,6 @@ from tests.conftest import make_tiny_llama
 LAYERS, T, STEPS = 4, 32, 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def linearized(**overrides):
     method = registry.methods.get("hedgehog")(max_grad_norm=0.0, backend="torch", **overrides)

@@ -106,13 +106,6 @@ def spawned(tmp_path_factory, tiny_model_dir):
     return tmp, outs, error
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _strip(stages):
     return [{k: v for k, v in s.items() if k not in ("seconds", "parallel")} for s in stages]

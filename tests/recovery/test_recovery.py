@@ -34,14 +34,6 @@ class ByteTokenizer:
         return {"input_ids": [list(t.encode()) for t in texts]}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The CPU is shared: one thread is ~20x faster than oversubscribed threads here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def write_corpus(path, n=60, seed=0):
     """Half plain documents, half ShareGPT conversations; each starts with its <index>."""

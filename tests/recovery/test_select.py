@@ -20,13 +20,6 @@ from tests.recovery.test_recovery import ByteTokenizer, write_corpus
 LAYERS = 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def tiny(seed=0, layers=LAYERS):
     return make_tiny_llama(vocab_size=256, seed=seed, num_hidden_layers=layers)
