@@ -141,7 +141,7 @@ def auto_softmax(config) -> tuple[str, int] | None:
 class LinearMethod(Method):
     config_cls = LinearConfig
     norm: ClassVar[bool] = False               # per-head RMSNorm before o_proj
-    output_gate: ClassVar[bool] = False
+    output_gate: ClassVar[bool] = False       # a new output gate before o_proj (OptionalOutputGate)
 
     def build_mixer(self, heads: int, head_dim: int, hidden: int, layer: int, layers: int):
         raise NotImplementedError
@@ -179,3 +179,12 @@ class LinearMethod(Method):
         m = dataclasses.replace(self.config, backend=backend)
         return MixerModule(type(self)(m).build_mixer(heads, head_dim, heads * head_dim, 0, 1),
                            heads, head_dim)
+
+
+class OptionalOutputGate:
+    """Mixin for methods whose config has `gate: bool`, the paper's optional output gate
+    (lightning, gated_deltanet): `class M(OptionalOutputGate, LinearMethod)`."""
+
+    @property
+    def output_gate(self) -> bool:
+        return bool(self.config.gate)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from linbench.methods.base import LinearConfig, LinearMethod
+from linbench.methods.base import LinearConfig, LinearMethod, OptionalOutputGate
 from linbench.methods.features import make_feature_maps
 from linbench.methods.mixers import GatedDeltaMix
 
@@ -26,14 +26,10 @@ class GatedDeltaNetConfig(LinearConfig):
     gate: bool = True                # the paper's output gate (here o * 2 sigmoid(W x), W = 0)
 
 
-class GatedDeltaNet(LinearMethod):
+class GatedDeltaNet(OptionalOutputGate, LinearMethod):
     name = "gated_deltanet"
     config_cls = GatedDeltaNetConfig
     norm = True
-
-    @property
-    def output_gate(self) -> bool:
-        return self.config.gate
 
     def build_mixer(self, heads, head_dim, hidden, layer, layers):
         c = self.config

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from linbench.methods.base import LinearConfig, LinearMethod
-from linbench.methods.features import make_feature_map
+from linbench.methods.features import make_feature_maps
 from linbench.methods.mixers import GatedMix, LowRankGate
 
 
@@ -33,5 +33,5 @@ class GLA(LinearMethod):
     def build_mixer(self, heads, head_dim, hidden, layer, layers):
         c = self.config
         gate = LowRankGate(hidden, heads, head_dim, rank=c.gate_rank, tau=c.gate_tau)
-        fq, fk = (make_feature_map(c.feature_map, heads, head_dim) for _ in range(2))
+        fq, fk = make_feature_maps(c.feature_map, heads, head_dim)
         return GatedMix(fq, fk, gate, backend=c.backend)

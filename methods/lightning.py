@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from linbench.methods.base import LinearConfig, LinearMethod
-from linbench.methods.features import make_feature_map
+from linbench.methods.base import LinearConfig, LinearMethod, OptionalOutputGate
+from linbench.methods.features import make_feature_maps
 from linbench.methods.mixers import LinearMix
 
 SLOPES = ("alibi", "fla")
@@ -36,17 +36,13 @@ class LightningConfig(LinearConfig):
     feature_map: str = "silu"        # on q and k (TransNormerLLM: silu)
 
 
-class Lightning(LinearMethod):
+class Lightning(OptionalOutputGate, LinearMethod):
     name = "lightning"
     config_cls = LightningConfig
     norm = True
 
-    @property
-    def output_gate(self) -> bool:
-        return self.config.gate
-
     def build_mixer(self, heads, head_dim, hidden, layer, layers):
         c = self.config
         decay = -slopes(c.slope_rule, heads, layer, layers)  # log-decay per head
-        fq, fk = (make_feature_map(c.feature_map, heads, head_dim) for _ in range(2))
+        fq, fk = make_feature_maps(c.feature_map, heads, head_dim)
         return LinearMix(fq, fk, normalize=False, log_decay=decay, backend=c.backend)
