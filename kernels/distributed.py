@@ -336,20 +336,23 @@ def _bench_worker(op: str, T: int, B: int, H: int, D: int, mode: str, repeats: i
         dist.destroy_process_group()
 
 
+def local_launch_config(nproc: int, monitor_interval: float = 0.5):
+    """torch's elastic launcher for `nproc` processes on this machine, as torchrun's
+    standalone mode: c10d rendezvous on a free local port, no restarts."""
+    import uuid
+    from torch.distributed.launcher.api import LaunchConfig
+    return LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc,
+                        run_id=f"linbench-{uuid.uuid4().hex[:8]}", rdzv_backend="c10d",
+                        rdzv_endpoint="localhost:0", max_restarts=0,
+                        monitor_interval=monitor_interval)
+
+
 def benchmark(nproc: int, T: int, *, op="linear", mode="fwd", batch=1, heads=8, dim=64,
               repeats=2, threads=1, backend="auto") -> tuple[float, int]:
     """(seconds per call, max peak bytes over the ranks) of `op` over T tokens on `nproc`
     fresh processes started by torch's elastic launcher (nproc=1: the one-device kernel)."""
-    import socket
-    import uuid
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cfg = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex,
-                       rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{port}", max_restarts=0,
-                       monitor_interval=0.5)
-    res = elastic_launch(cfg, _bench_worker)(op, T, batch, heads, dim, mode, repeats, threads,
+    from torch.distributed.launcher.api import elastic_launch
+    res = elastic_launch(local_launch_config(nproc), _bench_worker)(op, T, batch, heads, dim, mode, repeats, threads,
                                              backend)
     return max(r[0] for r in res.values()), max(r[1] for r in res.values())
 

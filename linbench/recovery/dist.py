@@ -264,13 +264,12 @@ def launch(nproc: int, args: list[str], module: str = "linbench") -> None:
     becomes one LinbenchError line naming the rank and its exit code (its own output,
     traceback included, is above it); exit code 1."""
     import sys
-    import uuid
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc,
-                          run_id=f"linbench-{uuid.uuid4().hex[:8]}", rdzv_backend="c10d",
-                          rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2)
+    from torch.distributed.launcher.api import elastic_launch
+
+    from linbench.kernels.distributed import local_launch_config
+    config = local_launch_config(nproc, monitor_interval=0.2)
     try:
         elastic_launch(config, sys.executable)("-m", module, *args)
     except ChildFailedError as e:

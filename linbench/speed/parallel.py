@@ -207,16 +207,11 @@ def _launch(nproc: int, spec: dict) -> list[dict]:
     """Run _rank(spec) on nproc fresh processes (torch's elastic launcher, the settings of
     linbench.kernels.distributed.benchmark); the ranks' results in rank order."""
     import logging
-    import socket
-    import uuid
 
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cfg = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex,
-                       rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{port}", max_restarts=0,
-                       monitor_interval=0.5)
+    from torch.distributed.launcher.api import elastic_launch
+
+    from linbench.kernels.distributed import local_launch_config
+    cfg = local_launch_config(nproc)
     log = logging.getLogger("torch.distributed.elastic")
     level = log.level
     log.setLevel(logging.CRITICAL)  # a failed rank is reported in its record, not as a traceback
@@ -262,29 +257,18 @@ def run_parallel_shape(target, mode, T, cfg, dtype, device_name, guard, cheaper=
                        launch=_launch):
     """Measure one (method, mode, T) shape over cfg.nproc processes -> (status, metrics,
     details), like linbench.speed.timing.run_shape; never raises."""
-    from linbench.speed.timing import available_bytes
+    from linbench.speed.timing import available_bytes, shape_details, skipped
     N = cfg.nproc
-    details = {"level": "kernel", "mode": mode, "seqlen": T, "batch": cfg.batch,
-               "heads": cfg.heads, "dim": cfg.dim, "dtype": cfg.dtype, "backend": cfg.backend,
-               "device": device_name, "nproc": N, "sequence_parallel": "LASP-2",
-               "lasp2_op": target.info["lasp2_op"], "ms_q20": None, "ms_q80": None,
-               "peak_mem_bytes": None, "peak_mem_bytes_per_rank": None, "tflops": None,
-               "gbps": None, "pct_peak": None, "pct_peak_bw": None,
-               "state_bytes": target.state_bytes(T), "time_cap_s": cfg.time_cap,
-               "threads": torch.get_num_threads(), "cost_s": None, "setup_s": None,
-               "peak_mem_source": "largest rank's " + (
-                   "torch.cuda.max_memory_allocated" if cfg.device.startswith("cuda")
-                   else "process VmHWM - VmRSS at start (/proc/self/status)"),
-               "ran": True, "note": ""}
+    cuda = cfg.device.startswith("cuda")
+    details = shape_details("kernel", mode, T, cfg.batch, cfg.heads, cfg.dim, cfg, device_name,
+                            target.state_bytes(T), cuda, nproc=N, sequence_parallel="LASP-2",
+                            lasp2_op=target.info["lasp2_op"], peak_mem_bytes_per_rank=None)
+    details["peak_mem_source"] = "largest rank's " + details["peak_mem_source"]
     avail = cfg.mem_limit or available_bytes(cfg.device)
-    budget = avail if cfg.device.startswith("cuda") else avail // N  # per rank
-    details["mem_budget_bytes"] = budget
-    predicted = guard.predict(T, cfg.time_cap, budget, target.min_bytes(mode, T), cheaper)
-    if predicted:
-        status, details["note"] = predicted
-        details["ran"] = False
-        guard.observe(T, status, None, None)
-        return status, {}, details
+    budget = avail if cuda else avail // N  # per rank
+    skip = skipped(guard, T, cfg, budget, target.min_bytes(mode, T), cheaper, details)
+    if skip:
+        return skip
     with tempfile.TemporaryDirectory(prefix="linbench-lasp2-") as notes:
         spec = {"method": target.name, "op": target.info["lasp2_op"], "mode": mode,
                 "seqlen": T, "batch": cfg.batch, "heads": cfg.heads, "dim": cfg.dim,

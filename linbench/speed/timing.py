@@ -251,6 +251,34 @@ class Guard:
         return None
 
 
+def shape_details(level, mode, T, batch, heads, dim, cfg, device_name, state_bytes,
+                  cuda: bool, **extra) -> dict:
+    """The details every speed record of one shape starts with (run_shape and
+    linbench.speed.parallel fill in the measurements)."""
+    return {"level": level, "mode": mode, "seqlen": T, "batch": batch, "heads": heads,
+            "dim": dim, "dtype": cfg.dtype, "backend": cfg.backend, "device": device_name,
+            "ms_q20": None, "ms_q80": None, "peak_mem_bytes": None, "tflops": None,
+            "gbps": None, "pct_peak": None, "pct_peak_bw": None, "state_bytes": state_bytes,
+            "time_cap_s": cfg.time_cap, "threads": torch.get_num_threads(), "cost_s": None,
+            "setup_s": None,
+            "peak_mem_source": ("torch.cuda.max_memory_allocated" if cuda
+                                else "process VmHWM - VmRSS at start (/proc/self/status)"),
+            **extra, "ran": True, "note": ""}
+
+
+def skipped(guard, T, cfg, budget, min_bytes, cheaper, details) -> tuple | None:
+    """(status, {}, details) without running when `guard` predicts a timeout or running out
+    of `budget` bytes; None when the shape should run."""
+    details["mem_budget_bytes"] = budget
+    predicted = guard.predict(T, cfg.time_cap, budget, min_bytes, cheaper)
+    if not predicted:
+        return None
+    status, details["note"] = predicted
+    details["ran"] = False
+    guard.observe(T, status, None, None)
+    return status, {}, details
+
+
 def run_shape(target, mode, T, cfg, dtype, device_name, guard, cheaper=None):
     """Measure one (target, mode, T) shape -> (status, metrics, details); never raises.
 
@@ -258,25 +286,14 @@ def run_shape(target, mode, T, cfg, dtype, device_name, guard, cheaper=None):
     """
     device = torch.device(cfg.device)
     info = target.info
-    details = {"level": target.level, "mode": mode, "seqlen": T,
-               "batch": info.get("batch", cfg.batch), "heads": info.get("heads", cfg.heads),
-               "dim": info.get("dim", cfg.dim), "dtype": cfg.dtype, "backend": cfg.backend,
-               "device": device_name, "ms_q20": None, "ms_q80": None, "peak_mem_bytes": None,
-               "tflops": None, "gbps": None, "pct_peak": None, "pct_peak_bw": None,
-               "state_bytes": target.state_bytes(T), "time_cap_s": cfg.time_cap,
-               "threads": torch.get_num_threads(), "cost_s": None, "setup_s": None,
-               "peak_mem_source": ("torch.cuda.max_memory_allocated" if device.type == "cuda"
-                                   else "process VmHWM - VmRSS at start (/proc/self/status)"),
-               **({"layers": info["layers"]} if "layers" in info else {}), "ran": True,
-               "note": ""}
+    details = shape_details(target.level, mode, T, info.get("batch", cfg.batch),
+                            info.get("heads", cfg.heads), info.get("dim", cfg.dim), cfg,
+                            device_name, target.state_bytes(T), device.type == "cuda",
+                            **({"layers": info["layers"]} if "layers" in info else {}))
     budget = cfg.mem_limit or available_bytes(device)
-    details["mem_budget_bytes"] = budget
-    predicted = guard.predict(T, cfg.time_cap, budget, target.min_bytes(mode, T), cheaper)
-    if predicted:
-        status, details["note"] = predicted
-        details["ran"] = False
-        guard.observe(T, status, None, None)
-        return status, {}, details
+    skip = skipped(guard, T, cfg, budget, target.min_bytes(mode, T), cheaper, details)
+    if skip:
+        return skip
     run = None
     try:
         with PeakMemory(device) as mem:

@@ -13,18 +13,8 @@ from linbench.report.build import tables
 from linbench.speed import parallel
 from linbench.speed.sweep import SpeedConfig
 from linbench.speed.timing import Guard
+from tests.speed.test_sweep import cli, records
 
-
-def cli(capsys, *args):
-    from linbench.cli import main
-    with pytest.raises(SystemExit) as exc:
-        main(["speed", *args])
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
-
-
-def records(results):
-    return [json.loads(p.read_text()) for p in sorted((results / "runs").rglob("*.json"))]
 
 
 def test_which_mixers_lasp2_covers():
