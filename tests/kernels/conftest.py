@@ -17,6 +17,7 @@ Helpers come from the `kit` fixture:
     kit.steps(step, seq, state, **kw)        a decode step applied token by token -> (o, state)
     kit.handoff(full, step, seq, T0)         prefill T0 tokens, decode the rest == one call
     kit.compare_exact(call, fast, ref, x, grad_names, tol)
+    kit.Created()                            with-block recording (dtype, shape) of created tensors
                                              a Triton kernel vs the fp64 reference, same values
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ import types
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,12 +231,30 @@ def handoff(full, step, seq, T0, seq_kw=None, **kw):
         close(state_full, state, "final state")
 
 
+class Created(TorchDispatchMode):
+    """Records (dtype, shape) of every tensor an op creates inside the `with` (not views or
+    in-place results: outputs that alias an input in the op's schema): the memory tests'
+    account of what a kernel materializes."""
+
+    def __init__(self):
+        super().__init__()
+        self.tensors: list[tuple[torch.dtype, tuple]] = []
+
+    def __torch_dispatch__(self, func, types=(), args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if all(r.alias_info is None for r in func._schema.returns):
+            for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(t, torch.Tensor):
+                    self.tensors.append((t.dtype, tuple(t.shape)))
+        return out
+
+
 @pytest.fixture
 def kit():
     return types.SimpleNamespace(qkv=qkv, heads=heads, log_gates=log_gates, grads=grads,
                                  double=double, close=close, compare=compare, steps=steps,
                                  handoff=handoff, rel=rel, compare_exact=compare_exact,
-                                 Shape=Shape)
+                                 Shape=Shape, Created=Created)
 
 
 @pytest.fixture

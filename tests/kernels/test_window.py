@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import linbench.kernels as K
 from linbench.kernels.window import chunked
@@ -23,6 +22,7 @@ from linbench.kernels.window.recurrent import (WindowState, sliding_window_atten
                                                window_linear_attention_step)
 from linbench.kernels.window.reference import (sliding_window_attention_ref,
                                                window_linear_attention_ref)
+from tests.kernels.conftest import Created
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -179,23 +179,6 @@ def test_chunked_half_inputs_stream_in_fp32(kit):
                 floors={"gamma": 1.0})
 
 
-class _Allocations(TorchDispatchMode):
-    """Records the element count of every tensor an op creates (not views or in-place
-    results: outputs that alias an input in the op's schema)."""
-
-    def __init__(self):
-        super().__init__()
-        self.sizes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if all(r.alias_info is None for r in func._schema.returns):
-            for t in (out if isinstance(out, (tuple, list)) else (out,)):
-                if isinstance(t, torch.Tensor):
-                    self.sizes.append(tuple(t.shape))
-        return out
-
-
 def _largest_intermediates(fn, leaves, T, states=None):
     """(whole-sequence tensors created in forward, in backward, the largest other tensor):
     whole-sequence = at least B * T * H elements; `states`: the shape of the hybrid's
@@ -204,14 +187,14 @@ def _largest_intermediates(fn, leaves, T, states=None):
     do = None
     counts, largest = [], 0
     for phase in ("forward", "backward"):
-        with _Allocations() as rec:
+        with Created() as rec:
             if phase == "forward":
                 out = fn(*leaves)
             else:
                 torch.autograd.grad(out, leaves, do)
         if do is None:
             do = torch.randn_like(out)
-        sizes = [torch.Size(s).numel() for s in rec.sizes if s != states]
+        sizes = [torch.Size(s).numel() for _, s in rec.tensors if s != states]
         counts.append(sum(n >= seq for n in sizes))
         largest = max([largest] + [n for n in sizes if n < seq])
     return counts, largest
