@@ -31,6 +31,7 @@ from linbench.records import provenance, schema
 from linbench.overrides import label
 from linbench.records.store import Store, nonfinite, writable_dir
 from linbench.recovery import dist
+from linbench.recovery.stages import stages_of
 from linbench.suites.base import RunContext
 
 STATE_SEQLEN = 2048  # the context length at which records report state size
@@ -194,7 +195,7 @@ def _run_method(plan: RunPlan, spec, store: Store, env: dict, jobs: list, echo) 
             echo(f"[{job.method}/{job.suite}] error: wrote {job.path}")
             out.append(record)
         return out
-    stages = _stages_of(model)
+    stages = stages_of(model)
     for job in todo:
         echo(f"[{job.method}/{job.suite}] running on {spec.name} ({plan.ctx.device}, {plan.ctx.dtype})")
         record = _run_one(job, model, tokenizer, plan, spec, env, stages)
@@ -247,11 +248,6 @@ def _run_one(job: Job, model, tokenizer, plan: RunPlan, spec, env: dict, stages)
         status=status, metrics=metrics, details=details, seconds=round(time.time() - t0, 2),
         method_role=getattr(job.method_obj, "role", "linearized"),
         suite_meta=job.suite_obj.meta() if hasattr(job.suite_obj, "meta") else {}, **extra)
-
-
-def _stages_of(model) -> list[dict]:
-    rec = getattr(model.config, "linbench", None)
-    return list(rec.get("recovery", [])) if isinstance(rec, dict) else []
 
 
 def checkpoint_dir(job: Job, spec, plan: RunPlan):

@@ -242,8 +242,11 @@ class LinearizedAttention(nn.Module):
 
     @torch.no_grad()
     def _accumulate(self, teacher, h: Heads):
-        """Per-(head, channel) second moments of the teacher's output and of the student's
-        output after the norm's normalization (before its weight)."""
+        """Calibration statistics: per-(head, channel) second moments of the teacher's
+        output and of the student's output after the norm's normalization (before its
+        weight), and the mixer's own (`mixer.accumulate`, e.g. HybridWindow's window weight)."""
+        if hasattr(self.mixer, "accumulate"):
+            self.mixer.accumulate(h)
         if self.norm is None:
             return
         o = self.mixer(h, None, False)[0].float()
@@ -253,11 +256,13 @@ class LinearizedAttention(nn.Module):
 
     @torch.no_grad()
     def calibrate(self) -> bool:
-        """Calibrated init: set the output norm's (H, D) weight so that each head channel's
-        RMS matches the teacher's on the calibration tokens seen in "calibrate" mode
-        (w = sqrt(E[teacher^2] / E[normalized student^2])). False when nothing to do."""
+        """Calibrated init: the mixer's own (`mixer.calibrate`) first, then the output norm's
+        (H, D) weight, so that each head channel's RMS matches the teacher's on the
+        calibration tokens seen in "calibrate" mode (w = sqrt(E[teacher^2] / E[normalized
+        student^2])). False when nothing was done."""
+        done = bool(hasattr(self.mixer, "calibrate") and self.mixer.calibrate())
         if self.norm is None or self._moments is None:
-            return False
+            return done
         t2, s2, n = self._moments
         w = torch.sqrt(t2 / n) / torch.sqrt(s2 / n).clamp_min(1e-6)
         self.norm.weight.copy_(w.to(self.norm.weight.dtype))

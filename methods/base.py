@@ -22,6 +22,9 @@ from linbench.errors import LinbenchError, one_of
 @dataclass
 class MethodConfig:
     """Every knob of a method, with the paper's default. Subclasses add fields."""
+    # fields added after checkpoints were first saved -> the value that reproduces a
+    # checkpoint saved without them (methods.io.method_of fills these in)
+    ADDED: ClassVar[dict] = {}
 
 
 ROLES = ("parent", "baseline", "linearized")
@@ -82,9 +85,10 @@ class LinearConfig(MethodConfig):
     # "Hybrid layer selection"; see `auto_softmax`)
     keep_softmax_layers: tuple[int | str, ...] = ()
     backend: str = "auto"                      # kernel backend (linbench.kernels.BACKENDS)
-    # init of the new parameters: "calibrated" (output norm matched to the teacher's per-head
-    # channel RMS on a calibration batch of the recovery corpus; linbench's default, see
-    # methods/README.md "Initialization") or "paper" (identity norm, as the papers)
+    # init of the new parameters: "calibrated" (set from a calibration batch of the recovery
+    # corpus: output norm matched to the teacher's per-head channel RMS, lolcats' window
+    # weight to the teacher's attention mass in the window; linbench's default, see
+    # methods/README.md "Initialization") or "paper" (the papers' constants)
     init: str = "calibrated"
     calibration_tokens: int = 8192
     # stage 1: attention transfer
@@ -166,6 +170,11 @@ class LinearMethod(Method):
 
     def needs_recovery(self) -> bool:
         return self.config.transfer is not None or self.config.lora_r > 0
+
+    def calibrates(self) -> bool:
+        """Whether `init=calibrated` has something to set: an output norm here; methods
+        whose mixer calibrates its own parameters say so."""
+        return self.norm
 
     def window(self) -> int | None:
         return 0

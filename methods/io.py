@@ -78,6 +78,7 @@ def method_of(config):
     rec = config.linbench if isinstance(config.linbench, dict) else json.loads(config.linbench)
     cls = registry.methods.get(rec["method"])
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in rec["config"].items()}
+    fields = {**cls.config_cls.ADDED, **fields}  # saved before those fields existed
     return cls(cls.config_cls(**fields))
 
 

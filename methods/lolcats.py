@@ -12,6 +12,7 @@ features, same transfer and LoRA.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from linbench.methods.base import LinearConfig, LinearMethod
 from linbench.methods.features import make_feature_maps
@@ -23,7 +24,11 @@ class LolcatsConfig(LinearConfig):
     window: int = 64                 # 0: no window (linear attention only, the Table 6 ablation)
     feature_map: str = "hedgehog"
     feature_dim: int | None = None   # None = head_dim (64 projected features for head_dim 128)
-    gamma_init: float = -2.1972      # sigmoid(-2.1972) ~ 0.1
+    gamma_init: float = -2.1972      # sigmoid(-2.1972) ~ 0.1 (init=paper; calibrated: measured)
+    # the reference code's affine_attention_factors: linear part weighted by 1 - gamma, so
+    # the window/linear ratio exp(w) is not capped at 1 (methods/README.md, "lolcats")
+    affine: bool = True
+    ADDED: ClassVar[dict] = {"affine": False}  # checkpoints saved before `affine` existed
 
 
 class Lolcats(LinearMethod):
@@ -35,7 +40,11 @@ class Lolcats(LinearMethod):
         fq, fk = make_feature_maps(c.feature_map, heads, head_dim, c.feature_dim)
         if c.window == 0:
             return LinearMix(fq, fk, normalize=True, scale=1.0, backend=c.backend)
-        return HybridWindow(fq, fk, heads, window=c.window, gamma_init=c.gamma_init, backend=c.backend)
+        return HybridWindow(fq, fk, heads, window=c.window, gamma_init=c.gamma_init,
+                            backend=c.backend, affine=c.affine)
+
+    def calibrates(self) -> bool:
+        return self.config.window > 0  # the window weight (HybridWindow.calibrate)
 
     def window(self) -> int:
         return self.config.window

@@ -248,18 +248,31 @@ class WindowSoftmax(nn.Module):
 class HybridWindow(nn.Module):
     """LoLCATs attention (arXiv 2410.10254, eq. 6): window softmax scaled by
     gamma_h = sigmoid(w_h) plus linear attention on Hedgehog features beyond the window,
-    one shared normalizer. w_h starts at -2.1972 (gamma ~ 0.1), the paper's value."""
+    one shared normalizer. w_h starts at -2.1972 (gamma ~ 0.1), the paper's value.
+
+    `affine=True` is the reference code's `affine_attention_factors`: the linear part is
+    weighted by 1 - gamma_h. With one shared normalizer only the ratio of the two weights
+    matters, so the kernels get gamma_h / (1 - gamma_h) = exp(w_h) as the window weight
+    and 1 for the linear part: the same output, and a ratio no longer capped at 1.
+    `calibrate()` (the calibrated init) sets w_h from a calibration batch (`accumulate`)."""
 
     def __init__(self, fq: nn.Module, fk: nn.Module, heads: int, window: int = 64,
-                 gamma_init: float = -2.1972, scale: float | None = None, backend: str = "auto"):
+                 gamma_init: float = -2.1972, scale: float | None = None, backend: str = "auto",
+                 affine: bool = False):
         super().__init__()
         self.fq, self.fk, self.window, self.scale, self.backend = fq, fk, window, scale, backend
+        self.affine = affine
         self.gamma_logit = nn.Parameter(torch.full((heads,), gamma_init))
+        self._logratio: list | None = None  # calibration sums
+
+    def gamma(self) -> torch.Tensor:
+        """The window's weight relative to the linear part's (H,), as the kernels take it."""
+        return torch.exp(self.gamma_logit) if self.affine else torch.sigmoid(self.gamma_logit)
 
     def _step(self, h, t, state):
         fq, fk = self.fq(h.q[:, t:t + 1])[:, 0], self.fk(h.k[:, t:t + 1])[:, 0]
         return K.window_linear_attention_step(h.q[:, t], h.k[:, t], h.v[:, t], fq, fk, state,
-                                              window=self.window, gamma=torch.sigmoid(self.gamma_logit),
+                                              window=self.window, gamma=self.gamma(),
                                               scale=self.scale)
 
     def forward(self, h, state, want_state):
@@ -267,9 +280,58 @@ class HybridWindow(nn.Module):
             return _steps(self._step, h, state)
         # the feature maps themselves: the kernel applies them group by group
         out = K.window_linear_attention(h.q, h.k, h.v, self.fq, self.fk, window=self.window,
-                                        gamma=torch.sigmoid(self.gamma_logit), scale=self.scale,
+                                        gamma=self.gamma(), scale=self.scale,
                                         output_final_state=want_state, backend=self.backend)
         return out if want_state else (out, None)
+
+    @torch.no_grad()
+    def accumulate(self, h, block: int = 256):
+        """Calibration statistics on one batch (the teacher's q, k of this layer). For each
+        query i with older keys, the window weight that gives the hybrid the teacher's
+        share of attention inside the window: with M_i the softmax mass of the teacher on
+        W(i), E_i = sum_W exp(s_ij - m_i) and L_i = sum_L phi(q_i).phi(k_j),
+        gamma/(gamma E_i + L_i) * E_i = M_i  <=>  log gamma = log M_i/(1-M_i) + log L_i/E_i.
+        Sums log gamma per head over such queries (query blocks of `block`)."""
+        scale = h.q.shape[-1] ** -0.5 if self.scale is None else self.scale
+        q, k = h.q.float(), h.k.float()
+        fq, fk = self.fq(h.q).float(), self.fk(h.k).float()
+        T, W = q.shape[1], self.window
+        total = torch.zeros(q.shape[2], dtype=torch.float64, device=q.device)
+        count = torch.zeros_like(total)
+        j = torch.arange(T, device=q.device)
+        for i0 in range(W, T, block):  # queries before W have no older key
+            i = torch.arange(i0, min(T, i0 + block), device=q.device)[:, None]
+            s = torch.einsum("bihd,bjhd->bhij", q[:, i0:i0 + block] * scale, k)
+            d = i - j[None]                                    # query - key distance
+            win, old = (d >= 0) & (d < W), d >= W
+            lse_all = s.masked_fill(d < 0, float("-inf")).logsumexp(-1)
+            sw = s.masked_fill(~win, float("-inf"))
+            lse_win, m = sw.logsumexp(-1), sw.amax(-1)
+            lin = torch.einsum("bihf,bjhf->bhij", fq[:, i0:i0 + block], fk).mul(old).sum(-1)
+            mass = torch.exp(lse_win - lse_all).clamp(1e-6, 1 - 1e-6)
+            logg = mass.log() - torch.log1p(-mass) + lin.clamp_min(1e-30).log() - (lse_win - m)
+            ok = torch.isfinite(logg) & (lin > 0)
+            total += torch.where(ok, logg, 0).double().sum((0, 2))
+            count += ok.double().sum((0, 2))
+        sums = [total, count]
+        self._logratio = sums if self._logratio is None else [a + b for a, b in zip(self._logratio, sums)]
+
+    @torch.no_grad()
+    def calibrate(self) -> bool:
+        """Set w_h to the mean calibrated log window weight (geometric mean of the weights),
+        as exp(w) under `affine`, sigmoid(w) otherwise (there capped just below 1).
+        False when nothing was accumulated."""
+        if self._logratio is None or not bool((self._logratio[1] > 0).any()):
+            return False
+        total, count = self._logratio
+        logg = torch.where(count > 0, total / count.clamp_min(1), self.gamma().double().log())
+        logg = logg.clamp(-12.0, 12.0)
+        if not self.affine:  # sigmoid(w) = g  <=>  w = log g - log(1 - g), g < 1
+            g = logg.exp().clamp(max=1 - 1e-3)
+            logg = g.log() - torch.log1p(-g)
+        self.gamma_logit.copy_(logg.to(self.gamma_logit.dtype))
+        self._logratio = None
+        return True
 
     def state_bytes(self, heads, head_dim, seqlen, elem):
         f = getattr(self.fk, "feature_dim", head_dim)

@@ -133,7 +133,7 @@ def window_linear_attention_chunked(q, k, v, fq, fk, *, window=64, gamma, scale=
 
     q, k: (B, T, H, K); v: (B, T, H, V); fq, fk: (B, T, H, F) feature-mapped q, k, or the
     feature maps themselves (applied group by group: no (B, T, H, F) tensor at all);
-    gamma: (H,) in (0, 1). With output_final_state=True returns (y, WindowState) where
+    gamma: (H,) > 0 (the window weight). With output_final_state=True returns (y, WindowState) where
     kv (B, H, F, V + 1) fp32 sums fk_j [v_j, 1] over the tokens out of the window.
     """
     check_positive(window=window, block=block)

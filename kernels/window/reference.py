@@ -32,7 +32,8 @@ def window_linear_attention_ref(q, k, v, fq, fk, *, window=64, gamma, scale=None
 
     a_ij = gamma_h exp(scale q_i.k_j - m_i) for the last `window` keys (m_i: their max),
     a_ij = fq_i . fk_j for older keys;  y_i = sum_j a_ij v_j / (sum_j a_ij + eps).
-    gamma: (H,) in (0, 1) (already passed through the sigmoid). fq, fk: (B, T, H, F)
+    gamma: (H,) > 0, the window weight (lolcats: sigmoid(w), or exp(w) with its affine
+    factors); the linear part has weight 1. fq, fk: (B, T, H, F)
     features, or the feature maps (then applied to q and k here).
     """
     if callable(fq):

@@ -5,8 +5,8 @@ the base model (name and file hash) and the dtype. A speed record (suite "speed"
 by `linbench speed`) is keyed by its level (kernel | model), device, package versions,
 shape (batch, heads, head dim), dtype and base model ("kernel" at kernel level); its mode,
 sequence length, backend and process count (nproc: `linbench speed --nproc`, LASP-2
-sequence parallelism; a record without it ran in one process, nproc 1) tell its rows
-apart inside one table.
+sequence parallelism; a record without it ran in one process, nproc 1) and, at model
+level, the prefill chunk (`--prefill-chunk`) tell its rows apart inside one table.
 
 `fields(record)` flattens every one of these into a dict (the key columns of the report's
 frame); `key(record)` is the tuple of the fields that make up the record's key.
@@ -18,9 +18,10 @@ SPEED = "speed"  # the suite of the records `linbench speed` writes
 QUALITY_KEY = ("suite", "suite_version", "lm_eval", "model", "model_hash", "dtype")
 SPEED_KEY = ("suite", "suite_version", "level", "device", "versions", "batch", "heads", "dim",
              "dtype", "model", "model_hash")
-SPEED_ROW = ("mode", "seqlen", "backend", "nproc")  # within one speed key
+SPEED_ROW = ("mode", "seqlen", "backend", "nproc", "prefill_chunk")  # within one speed key
 FIELDS = ("kind", "suite", "suite_version", "lm_eval", "model", "model_hash", "dtype", "device",
-          "versions", "level", "mode", "seqlen", "batch", "heads", "dim", "backend")
+          "versions", "level", "mode", "seqlen", "batch", "heads", "dim", "backend", "nproc",
+          "prefill_chunk")
 
 
 def kind(record: dict) -> str:

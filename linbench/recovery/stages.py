@@ -71,8 +71,8 @@ def recover(method, model, data, budget, *, seed: int = 0, progress: bool = Fals
     corpus = data if data.seqlen == seqlen else data.with_seqlen(seqlen)
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     cache: dict = {}
-    # the calibrated init sets output-norm weights: nothing to do for methods without one
-    calibrating = getattr(cfg, "init", "paper") == "calibrated" and getattr(method, "norm", False)
+    # the calibrated init: nothing to do for methods without parameters it sets
+    calibrating = getattr(cfg, "init", "paper") == "calibrated" and method.calibrates()
 
     def tensors():
         if not cache:
@@ -88,7 +88,10 @@ def recover(method, model, data, budget, *, seed: int = 0, progress: bool = Fals
         _claim(ckpt, {"method": method.config_dict(), "budget": budget.identity(),
                       "data": corpus.identity(), "seed": seed})
     todo = [s for s in STAGES if _wanted(s, method, model, budget)]
-    started = ckpt is not None and any((ckpt / s).exists() for s in STAGES)
+    # a finished, sound stage checkpoint carries the calibrated weights; otherwise (none, or
+    # only bad ones, which are set aside and rerun) the first stage starts from the fresh model
+    started = ckpt is not None and any((ckpt / s).exists() and not manifest.problem(ckpt / s)
+                                       for s in STAGES)
     if calibrating and todo and not started:
         from linbench.recovery.calibrate import calibrate
         info = calibrate(model, tensors()[0], cfg.calibration_tokens, budget.micro())

@@ -3,7 +3,7 @@
 Columns, in order:
 - the comparability fields of linbench.records.keys.FIELDS: kind (quality | speed), suite,
   suite_version, lm_eval, model, model_hash, dtype, device, versions, and for speed
-  records level, mode, seqlen, batch, heads, dim, backend;
+  records level, mode, seqlen, batch, heads, dim, backend, nproc, prefill_chunk;
 - method, method_role;
 - metric, with what the suite declares of it (label, higher_is_better, chance,
   metric_kind) and derived (True for a metric the report computed from the suite's
@@ -29,7 +29,7 @@ METRIC_COLUMNS = ("metric", "label", "higher_is_better", "chance", "metric_kind"
 TAIL_COLUMNS = ("status", "config_hash", "created", "git_sha", "git_dirty", "run_id", "path",
                 "record")
 COLUMNS = [*keys.FIELDS, *RECORD_COLUMNS, *METRIC_COLUMNS, *TAIL_COLUMNS]
-INTEGER = ("seqlen", "batch", "heads", "dim", "n", "record")   # nullable Int64
+INTEGER = ("seqlen", "batch", "heads", "dim", "nproc", "prefill_chunk", "n", "record")  # Int64
 FLOAT = ("chance", "value", "stderr")
 BOOLEAN = ("higher_is_better", "derived", "git_dirty")          # nullable boolean
 TEXT = tuple(c for c in COLUMNS if c not in (*INTEGER, *FLOAT, *BOOLEAN))

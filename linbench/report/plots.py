@@ -113,15 +113,23 @@ def _lengths_text(failed: list[int], lengths: list[int]) -> str:
     return "T=" + ", ".join(fmt_length(t) for t in failed)
 
 
+def _series(r: dict) -> tuple:
+    """(method, mode label) of a speed row: "fwd", or "fwd x4" for 4 processes."""
+    nproc = r["details"].get("nproc") or 1
+    mode = r["details"].get("mode")
+    return r.get("method"), (f"{mode} x{nproc}" if nproc > 1 else mode)
+
+
 def speed_figure(table, colors: dict) -> Figure | None:
-    """tokens/s and peak memory vs T, log-log, one line per (method, mode); a length where
+    """tokens/s and peak memory vs T, log-log, one line per (method, mode, processes:
+    `linbench speed --nproc`, "fwd x4"); a length where
     a run failed (oom / timeout) is an x at the top of both axes, and who failed where is
     listed in the legend ("softmax fwd: timeout, T >= 128k"), not written over the plot."""
     styles = {"fwd": "-", "prefill": "-", "fwdbwd": "--", "decode": ":"}
     series: dict[tuple, list[dict]] = {}
     for r in table.records:
         if (r.get("details") or {}).get("seqlen"):
-            series.setdefault((r.get("method"), r["details"].get("mode")), []).append(r)
+            series.setdefault(_series(r), []).append(r)
     if not series:
         return None
     fig = Figure(figsize=(12, 4.8), layout="constrained")
@@ -133,7 +141,7 @@ def speed_figure(table, colors: dict) -> Figure | None:
             pts = [(r["details"]["seqlen"], get(r)) for r in recs if r.get("status") == "ok"]
             pts = [(t, y) for t, y in pts if y is not None and y > 0]
             if pts:
-                ax.plot(*zip(*pts), marker="o", ms=4, ls=styles.get(mode, "-."),
+                ax.plot(*zip(*pts), marker="o", ms=4, ls=styles.get(str(mode).split(" x")[0], "-."),
                         color=colors.get(method), label=f"{method} {mode}")
         for r in recs:
             if r.get("status") != "ok":

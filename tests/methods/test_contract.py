@@ -126,8 +126,10 @@ def form_lolcats(h: Heads, mixer, D):
     win = _causal(T, 64)
     s = s.masked_fill(~win, float("-inf"))
     gamma = torch.sigmoid(mixer.gamma_logit)[None, :, None, None]
+    # the reference code's affine_attention_factors weight the linear part by 1 - gamma
+    linear = 1 - gamma if mixer.affine else 1.0
     a = gamma * torch.exp(s - s.amax(-1, keepdim=True))
-    a = a + torch.einsum("bihf,bjhf->bhij", fq, fk) * (_causal(T) & ~win)
+    a = a + linear * torch.einsum("bihf,bjhf->bhij", fq, fk) * (_causal(T) & ~win)
     return _apply(a, h.v) / a.sum(-1)[..., None].transpose(1, 2)
 
 
@@ -196,7 +198,8 @@ def test_roles_are_declared():
 
 # linbench's defaults that differ from the paper (methods/README.md, "Feature maps"): the
 # paper forms above are tested with the paper's setting
-PAPER = {"gla": {"feature_map": "identity"}, "deltanet": {"feature_map": "silu_l2"}}
+PAPER = {"gla": {"feature_map": "identity"}, "deltanet": {"feature_map": "silu_l2"},
+         "lolcats": {"affine": False}}
 
 
 @pytest.mark.parametrize("name", [m for m in LINEAR if m in FORMS])
@@ -209,6 +212,22 @@ def test_layer_matches_paper_form(name):
         got = attn.mixer(h, None, False)[0]
         want = FORMS[name](h, attn.mixer, D)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_lolcats_affine_factors_are_the_reference_codes():
+    """Default `affine=True`: window weight gamma, linear weight 1 - gamma (the kernels get
+    their ratio); the paper form above has linear weight 1."""
+    method, model = linearized("lolcats")
+    assert method.config.affine
+    perturb(model)
+    attn, h = _layer_heads(model, T=90)
+    with torch.no_grad():
+        got = attn.mixer(h, None, False)[0]
+        want = form_lolcats(h, attn.mixer, attn.head_dim)
+        attn.mixer.affine = False
+        paper = attn.mixer(h, None, False)[0]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(got, paper, atol=1e-4)
 
 
 def test_lolcats_gamma_one_without_linear_part_is_sliding_window_softmax():

@@ -58,8 +58,9 @@ def test_calibration_matches_the_teachers_head_rms(name):
     torch.testing.assert_close(s1, t1, rtol=1e-3, atol=1e-5)
 
 
-def test_methods_without_an_output_norm_are_unchanged():
-    model = linearized("lolcats")
+def test_methods_with_nothing_to_calibrate_are_unchanged():
+    assert not registry.methods.get("hedgehog")().calibrates()
+    model = linearized("hedgehog")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ids = torch.randint(0, VOCAB, (1, 64), generator=torch.Generator().manual_seed(2))
     assert calibrate(model, ids, tokens=64)["layers"] == 0
@@ -93,3 +94,47 @@ def test_an_unknown_init_is_one_clear_error():
     from linbench.errors import LinbenchError
     with pytest.raises(LinbenchError, match=r"unknown init 'calbrated' \(choose from: calibrated, paper\)"):
         registry.methods.get("gla")(init="calbrated")
+
+
+def _window_weight_by_query(mixer, h):
+    """The slow twin of HybridWindow.accumulate: for each query with older keys, the window
+    weight g with g E / (g E + L) = M (full T x T matrices), (B, H, n)."""
+    T, W = h.q.shape[1], mixer.window
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None]
+    causal, win = j <= i, (j <= i) & (j > i - W)
+    s = torch.einsum("bihd,bjhd->bhij", h.q, h.k) * h.q.shape[-1] ** -0.5
+    p = s.masked_fill(~causal, float("-inf")).softmax(-1)
+    mass = (p * win).sum(-1)
+    e = torch.exp(s - s.masked_fill(~win, float("-inf")).amax(-1, keepdim=True)) * win
+    lin = torch.einsum("bihf,bjhf->bhij", mixer.fq(h.q), mixer.fk(h.k)) * (causal & ~win)
+    g = mass / (1 - mass) * lin.sum(-1) / e.sum(-1)
+    return g[:, :, W:]
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_lolcats_window_weight_is_calibrated_to_the_teachers_window_mass(affine):
+    """calibrate() sets the window weight to the geometric mean over queries of the weight
+    that gives the hybrid the teacher's attention mass inside the window (computed here
+    with full matrices); capped below 1 without the affine factors."""
+    from tests.methods.test_contract import _layer_heads, perturb
+    model = perturb(linearized("lolcats", window=8, affine=affine))
+    attn, h = _layer_heads(model, T=40)
+    mixer = attn.mixer
+    with torch.no_grad():
+        want = _window_weight_by_query(mixer, h).log().mean((0, 2)).exp()
+        mixer.accumulate(h, block=16)  # several query blocks
+        assert mixer.calibrate()
+        got = mixer.gamma()
+    if not affine:
+        want = want.clamp(max=1 - 1e-3)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert not mixer.calibrate()  # the sums are spent
+
+
+def test_recovery_calibrates_lolcats_window_weight():
+    model = linearized("lolcats")
+    before = torch.stack([layer.mixer.gamma_logit.clone() for layer in linearized_layers(model)])
+    ids = torch.randint(0, VOCAB, (1, 160), generator=torch.Generator().manual_seed(2))
+    assert calibrate(model, ids, tokens=160)["layers"] == len(linearized_layers(model))
+    after = torch.stack([layer.mixer.gamma_logit for layer in linearized_layers(model)])
+    assert not torch.allclose(before, after, atol=1e-2) and torch.isfinite(after).all()

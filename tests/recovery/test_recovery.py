@@ -197,7 +197,7 @@ def test_attention_transfer_lowers_its_loss_and_trains_only_new_parameters(name,
 
 
 def test_lora_lowers_cross_entropy_merges_and_round_trips(corpus, tmp_path):
-    method, model = linearized("lolcats", lora_lr=3e-3)
+    method, model = linearized("lolcats", lora_lr=3e-3, init="paper")  # no calibrated gamma
     state0 = snapshot(model)
     model = recovery.recover(method, model, corpus, "smoke,transfer=0,lora=1024")
     (stage,) = recovery.stages_of(model)
@@ -217,7 +217,7 @@ def test_lora_lowers_cross_entropy_merges_and_round_trips(corpus, tmp_path):
 
 
 def test_gradient_clipping_is_applied(corpus):
-    method, model = linearized("lolcats", max_grad_norm=1e-3)
+    method, model = linearized("lolcats", max_grad_norm=1e-3, init="paper")
     seen = []
 
     def on_step(info: train.StepInfo):
@@ -317,7 +317,7 @@ def test_a_bad_stage_checkpoint_or_state_file_is_redone_not_trusted(corpus, tmp_
 
 
 def test_early_stopping_on_rising_validation_loss_keeps_the_best_weights(corpus, monkeypatch):
-    method, model = linearized("lolcats")
+    method, model = linearized("lolcats", init="paper")  # step 0 = the constructed weights
     params0 = {n: p.detach().clone() for n, p in model.named_parameters()
                if id(p) in {id(q) for q in new_parameters(model)}}
     rising = iter(range(100))

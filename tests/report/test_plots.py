@@ -152,3 +152,27 @@ def test_window_boundary_follows_in_window_flips():
     ])
     assert boundary_segments(np.array([[True, True]], dtype=object)) == []
     assert [fmt_length(n) for n in (100, 1024, 1536, 32768)] == ["100", "1k", "1.5k", "32k"]
+
+
+def test_speed_rows_of_several_processes_are_their_own_line():
+    """`linbench speed --nproc 4` rows (LASP-2) beside the one-process rows of the same
+    method and mode: two lines, the second labelled with its process count."""
+    recs = [speed("gla", "fwd", t) for t in (2048, 4096)]
+    four = [speed("gla", "fwd", t) for t in (2048, 4096, 8192)]
+    for r in four:
+        r["details"]["nproc"] = 4
+    (table,) = build_tables(recs + four)
+    fig = speed_figure(table, method_colors(recs))
+    lines = {ln.get_label(): list(ln.get_xdata()) for ln in fig.axes[0].lines
+             if ln.get_marker() == "o"}
+    assert lines == {"gla fwd": [2048, 4096], "gla fwd x4": [2048, 4096, 8192]}
+
+
+def test_frame_columns_carry_process_count_and_prefill_chunk():
+    from linbench.report.frame import frame_of
+    one, four = speed("gla", "fwd", 2048), speed("gla", "prefill", 2048)
+    four["details"].update(nproc=4, level="model", prefill_chunk=512)
+    df = frame_of([one, four]).drop_duplicates("record").set_index("record")
+    assert str(df["nproc"].dtype) == "Int64" and str(df["prefill_chunk"].dtype) == "Int64"
+    assert df.loc[0, "nproc"] == 1 and df.loc[1, "nproc"] == 4
+    assert df["prefill_chunk"].isna()[0] and df.loc[1, "prefill_chunk"] == 512

@@ -139,7 +139,8 @@ def test_every_builtin_suite_declares_json_metadata():
 
 
 COLUMNS = ["kind", "suite", "suite_version", "lm_eval", "model", "model_hash", "dtype", "device",
-           "versions", "level", "mode", "seqlen", "batch", "heads", "dim", "backend", "method",
+           "versions", "level", "mode", "seqlen", "batch", "heads", "dim", "backend", "nproc",
+           "prefill_chunk", "method",
            "method_role", "metric", "label", "higher_is_better", "chance", "metric_kind",
            "derived", "value", "stderr", "n", "status", "config_hash", "created", "git_sha",
            "git_dirty", "run_id", "path", "record"]
@@ -191,8 +192,8 @@ def test_frame_has_one_row_per_record_and_metric(results):
             & (df.seqlen == 4096)]
     assert set(sp.metric) == {"ms", "tokens_per_s"} and set(sp.method_role) == {"linearized"}
     row = sp.iloc[0]
-    assert (row.level, row.batch, row.heads, row.dim, row.backend, row.device, row["dtype"]) == (
-        "kernel", 1, 8, 64, "torch", "cpu: x86_64", "float32")
+    assert (row.level, row.batch, row.heads, row.dim, row.backend, row.device, row["dtype"],
+            row.nproc) == ("kernel", 1, 8, 64, "torch", "cpu: x86_64", "float32", 1)
     assert pd.isna(row.higher_is_better)  # speed records declare no metadata: unknown
 
 

@@ -41,7 +41,7 @@ for item in specs:
     t0 = time.time()
     model = method.linearize(models.load(spec, "float32", "cpu")[0]).eval()
     info = {}
-    if getattr(method.config, "init", None) == "calibrated":
+    if getattr(method.config, "init", None) == "calibrated" and method.calibrates():
         info = calibrate(model, train, method.config.calibration_tokens)
     row = {"method": name, "overrides": chosen, "init": getattr(method.config, "init", None),
            "ppl": ppl(model), "calibration": info, "seconds": round(time.time() - t0, 1)}
