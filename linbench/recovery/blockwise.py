@@ -29,11 +29,13 @@ validation, early stopping and best-weight restore are per block. Without clippi
 (max_grad_norm = 0) and with best weights at the same step, 1-layer blocks give the
 joint stage's parameters (tests/recovery/test_blockwise.py).
 
-Ranks: `blocks_for(n, rank, world)` gives each rank a contiguous run of blocks; a rank
-caches and trains only its own (`train_blocks`), and after a barrier every rank stitches
-all block files from the shared checkpoint dir (`finish`). recovery.stages runs one
-process (rank 0 of 1); the multi-process path is tested by running the ranks' parts in
-turn, not under torch.distributed.
+Ranks (`linbench run --nproc N` / torchrun, LoLCATs' recipe of one block per GPU):
+`blocks_for(n, rank, world)` gives each rank a contiguous run of blocks; a rank caches
+and trains only its own (`train_blocks`), each block on the whole global batch with no
+collective (recovery.dist.alone: the same steps one process takes), and after a barrier
+every rank stitches all block files from the shared checkpoint dir (`finish`), so every
+rank ends with the one-process model (tests/recovery/test_distributed.py). Each block's
+record says which rank trained it.
 """
 from __future__ import annotations
 
@@ -308,11 +310,21 @@ def transfer(cfg, model, train: torch.Tensor, val: torch.Tensor, plan: Plan, *,
                             "that all ranks share (the block files meet there)")
     folder = Path(tempfile.mkdtemp(prefix="linbench-blocks-")) if temp else folder
     try:
-        train_blocks(cfg, model, train, val, plan, folder, trainable=trainable,
-                     transfer_mode=transfer_mode, rank=rank, world=world)
-        if world > 1:
+        if world > 1:  # this rank's blocks, whole batches, no collectives; one progress bar
+            from linbench.recovery import dist
+            with dist.alone():
+                train_blocks(cfg, model, train, val,
+                             dataclasses.replace(plan, progress=plan.progress and rank == 0),
+                             folder, trainable=trainable, transfer_mode=transfer_mode,
+                             rank=rank, world=world)
             torch.distributed.barrier()
-        return finish(model, folder, cfg.transfer_blocks)
+        else:
+            train_blocks(cfg, model, train, val, plan, folder, trainable=trainable,
+                         transfer_mode=transfer_mode)
+        res, info = finish(model, folder, cfg.transfer_blocks)
+        if world > 1:
+            res.parallel = "blocks"  # the stage record: blocks spread over the ranks
+        return res, info
     finally:
         if temp:
             shutil.rmtree(folder, ignore_errors=True)
@@ -344,7 +356,7 @@ def train_blocks(cfg, model, train, val, plan: Plan, folder, *, trainable, trans
         res = train_block(cfg, model, groups[b], inputs(cache, meta, "train", j),
                           inputs(cache, meta, "val", j), bp, n_linear, trainable, transfer_mode)
         size = sum(f.stat().st_size for f in cache.glob(f"*.b{j}.s*.safetensors"))
-        info = {**_summary(res), "layers": groups[b], "cache_bytes": size}
+        info = {**_summary(res), "layers": groups[b], "cache_bytes": size, "rank": rank}
         _atomic(folder / f"block{b}.json", lambda p: p.write_text(json.dumps(info)))
         params = {n: p.detach().to("cpu").contiguous()
                   for n, p in block_parameters(model, groups[b]).items()}
@@ -371,7 +383,8 @@ def finish(model, folder, k: int) -> tuple[Result, dict]:
     stitch(model, [folder / f"block{b}.safetensors" for b in range(n)])
     parts = [json.loads((folder / f"block{b}.json").read_text()) for b in range(n)]
     info = {"transfer_blocks": k, "cache_bytes": sum(p["cache_bytes"] for p in parts),
-            "blocks": [{**{x: p[x] for x in ("layers", "steps", "seconds", "stopped", "best_step")},
+            "blocks": [{**{x: p.get(x) for x in ("layers", "rank", "steps", "seconds", "stopped",
+                                                  "best_step")},
                         "final_loss": _final(p["curve"])} for p in parts]}
     return _combine(parts), info
 

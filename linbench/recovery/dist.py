@@ -12,6 +12,8 @@ data-parallel recovery with the model sharded per decoder layer by FSDP2.
     parallel(model, ps)  FSDP2 for the length of a training stage: fully_shard on every
                          decoder layer, then on the root, and the plain model back after
     launch(n, args)      `python -m linbench <args>` in n processes (elastic_launch)
+    alone()              inside it this process acts as a world of one (no collectives):
+                         block-wise transfer's ranks each train their own blocks
 
 Suites split their work with linbench.suites.base.shared_map (all_gather_object of
 per-batch outcomes; suites may not import this package).
@@ -59,13 +61,29 @@ class World:
     local_rank: int = 0
 
 
+_ALONE = [False]
+
+
 def world() -> World:
-    """This process's place in the process group (size 1 when there is none)."""
+    """This process's place in the process group (size 1 when there is none, or inside
+    `alone()`)."""
     import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
+    if dist.is_available() and dist.is_initialized() and not _ALONE[0]:
         return World(dist.get_rank(), dist.get_world_size(),
                      int(os.environ.get("LOCAL_RANK", dist.get_rank())))
     return World()
+
+
+@contextlib.contextmanager
+def alone():
+    """Within: world() is a world of one, so the training loop runs this process's work
+    on whole batches with no collective (block-wise transfer over ranks: each rank trains
+    different blocks; linbench.recovery.blockwise). The caller synchronizes after."""
+    before, _ALONE[0] = _ALONE[0], True
+    try:
+        yield
+    finally:
+        _ALONE[0] = before
 
 
 def launched() -> bool:

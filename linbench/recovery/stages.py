@@ -246,8 +246,9 @@ def _transfer(cfg, model, train, val, plan: Plan):
     ppl_before = _ppl(model, val, plan)
     if getattr(cfg, "transfer_blocks", 0):  # block-wise on cached teacher inputs
         from linbench.recovery import blockwise
+        w = dist.world()  # several processes: the blocks spread over them
         res, info = blockwise.transfer(cfg, model, train, val, plan, trainable=_trainable,
-                                       transfer_mode=_transfer_mode)
+                                       transfer_mode=_transfer_mode, rank=w.rank, world=w.size)
         return model, {**_stage("transfer", res, ppl_before, _ppl(model, val, plan)), **info}
     obj = Objective("transfer", params, loss, cfg.transfer_lr, cfg.weight_decay, cfg.max_grad_norm)
     with _trainable(model, params), _transfer_mode(layers, cfg.transfer):

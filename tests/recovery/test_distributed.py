@@ -3,7 +3,8 @@ torch.multiprocessing.spawn (init_method file://), compared with one process.
 
 One spawn runs, on both ranks: a recovery (attention transfer, replicated; LoRA under
 FSDP2) of a tiny linearized Llama at a global batch of 2, the ppl suite on a few
-documents, then a runner job in which rank 1 raises at recovery step 2. The tests below
+documents, a block-wise transfer (one-layer blocks spread over the ranks), then a runner
+job in which rank 1 raises at recovery step 2. The tests below
 check what each part left behind.
 """
 from __future__ import annotations
@@ -28,14 +29,15 @@ SPEC = "smoke,transfer=384,lora=384,batch=2,seqlen=64,eval=128"  # 3 + 3 steps o
 # bit-identical to the 2-rank run
 EXACT = SPEC + ",micro=1"
 PPL_LIMIT = 3
+BLOCKS = "smoke,transfer=256,lora=0,batch=2,seqlen=64,eval=128"  # block-wise stage 1 only
 
 
 class InjectedCrash(RuntimeError):
     pass
 
 
-def _recover(tmp: Path, spec: str, ckpt: Path):
-    method, model = linearized("lolcats", lora_lr=1e-3)
+def _recover(tmp: Path, spec: str, ckpt: Path, **overrides):
+    method, model = linearized("lolcats", lora_lr=1e-3, **overrides)
     corpus = Corpus(str(tmp / "c.jsonl"), tokenizer=ByteTokenizer(), seqlen=64)
     return recovery.recover(method, model, corpus, spec, checkpoint_dir=ckpt)
 
@@ -75,6 +77,11 @@ def _worker(rank: int, world: int, tmp: str, model_dir: str) -> None:
     out["state"] = {k: v.clone() for k, v in model.state_dict().items()}
     from linbench.assets.models import load_tokenizer
     out["ppl"] = _ppl(load_tokenizer(model_dir))
+    writes, out["writes"] = out["writes"], []
+    model = _recover(tmp, BLOCKS, tmp / "ckpt_blocks", transfer_blocks=1)
+    out["blocks"] = (recovery.stages_of(model), {k: v.clone() for k, v in model.state_dict().items()},
+                     out["writes"])
+    out["writes"] = writes
     torch.save(out, tmp / f"rank{rank}.pt")
     # a runner job in which rank 1 fails at recovery step 2
     from linbench import run as runner
@@ -127,6 +134,23 @@ def test_recovery_equals_one_process_at_the_same_global_batch(spawned):
     for rank, out in enumerate(outs):  # every replica ends with the same weights
         assert out["state"].keys() == ref.keys()
         for k, v in out["state"].items():
+            assert torch.equal(v, ref[k]), (rank, k)
+
+
+def test_blockwise_transfer_spreads_blocks_over_ranks_and_equals_one_process(spawned):
+    tmp, outs, _ = spawned
+    one = _recover(tmp, BLOCKS, tmp / "ckpt_blocks_one", transfer_blocks=1)
+    (want,) = recovery.stages_of(one)
+    ref = one.state_dict()
+    for rank, out in enumerate(outs):
+        (stage,), state, writes = out["blocks"]
+        assert stage["parallel"] == "blocks" and "parallel" not in want
+        # each rank trained its own one of the 2 one-layer blocks, on whole batches
+        assert [b["rank"] for b in stage["blocks"]] == [0, 1]
+        assert [b["rank"] for b in want["blocks"]] == [0, 0]
+        assert writes == (["recovery.json", "transfer.tmp"] if rank == 0 else [])
+        assert stage["curve"] == want["curve"] and stage["val_curve"] == want["val_curve"]
+        for k, v in state.items():  # every rank stitched every block: the one-process model
             assert torch.equal(v, ref[k]), (rank, k)
 
 
