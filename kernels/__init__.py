@@ -125,11 +125,36 @@ def delta_rule(q, k, v, beta, *, g=None, scale=None, initial_state=None,
                         seq_kwargs={"g": g})
 
 
+def _continued(state, q, k, v, fq=None, fk=None):
+    """Inputs extended by a window state's cached tokens in front (their queries zero and
+    their outputs dropped by the caller), so a prefill continues in one call: returns
+    (q, k, v, fq, fk, n cached tokens). Feature maps given as callables stay as they are."""
+    import torch
+    n = state.k.shape[1]
+    if n == 0:
+        return q, k, v, fq, fk, 0
+
+    def front(x, cached):
+        return torch.cat([cached.to(x.dtype), x], 1)
+
+    def zeros(x):
+        return torch.cat([x.new_zeros(x.shape[0], n, *x.shape[2:]), x], 1)
+    q, k, v = zeros(q), front(k, state.k), front(v, state.v)
+    if fq is not None and not callable(fq):
+        fq, fk = zeros(fq), front(fk, state.fk)
+    return q, k, v, fq, fk, n
+
+
 def sliding_window_attention(q, k, v, *, window=64, scale=None, output_final_state=False,
-                             chunk_size=64, backend="auto"):
-    """Softmax over the last `window` keys -> o, or (o, WindowCache) with output_final_state."""
+                             initial_state=None, chunk_size=64, backend="auto"):
+    """Softmax over the last `window` keys -> o, or (o, WindowCache) with output_final_state.
+    initial_state: the WindowCache of the tokens before q (a prefill continued in chunks)."""
     fn, extra = _resolve("sliding_window_attention", backend, q, chunk_size)
+    n = 0
+    if initial_state is not None:
+        q, k, v, _, _, n = _continued(initial_state, q, k, v)
     o = fn(q, k, v, window=window, scale=scale, **extra)
+    o = o[:, n:] if n else o
     if not output_final_state:
         return o
     from linbench.kernels.window.recurrent import window_cache
@@ -137,14 +162,23 @@ def sliding_window_attention(q, k, v, *, window=64, scale=None, output_final_sta
 
 
 def window_linear_attention(q, k, v, fq, fk, *, window=64, gamma, scale=None, eps=1e-6,
-                            output_final_state=False, chunk_size=64, backend="auto"):
-    """LoLCATs window + linear hybrid -> y, or (y, WindowState) with output_final_state."""
+                            output_final_state=False, initial_state=None, chunk_size=64,
+                            backend="auto"):
+    """LoLCATs window + linear hybrid -> y, or (y, WindowState) with output_final_state.
+    initial_state: the WindowState of the tokens before q (a prefill continued in chunks):
+    its cached tokens are the window's first keys, its linear state the older keys'."""
     fn, extra = _resolve("window_linear_attention", backend, q, chunk_size)
-    y = fn(q, k, v, fq, fk, window=window, gamma=gamma, scale=scale, eps=eps, **extra)
+    n, kv = 0, None
+    if initial_state is not None:
+        q, k, v, fq, fk, n = _continued(initial_state, q, k, v, fq, fk)
+        kv = initial_state.kv
+    y = fn(q, k, v, fq, fk, window=window, gamma=gamma, scale=scale, eps=eps, initial_kv=kv,
+           **extra)
+    y = y[:, n:] if n else y
     if not output_final_state:
         return y
     from linbench.kernels.window.recurrent import window_state
-    return y, window_state(k, v, fk, window)
+    return y, window_state(k, v, fk, window, initial_kv=kv)
 
 
 __all__ = ["BACKENDS", "linear_attention", "gated_linear_attention", "delta_rule",

@@ -235,10 +235,12 @@ class WindowSoftmax(nn.Module):
         return o, cache
 
     def forward(self, h, state, want_state):
-        if state is not None:
+        if state is not None and h.q.shape[1] == 1:  # decoding
             return _steps(self._step, h, state)
+        # a prefill, or its next chunk continued from the cached window
         out = K.sliding_window_attention(h.q, h.k, h.v, window=self.window, scale=self.scale,
-                                         output_final_state=want_state, backend=self.backend)
+                                         output_final_state=want_state, initial_state=state,
+                                         backend=self.backend)
         return out if want_state else (out, None)
 
     def state_bytes(self, heads, head_dim, seqlen, elem):
@@ -276,12 +278,14 @@ class HybridWindow(nn.Module):
                                               scale=self.scale)
 
     def forward(self, h, state, want_state):
-        if state is not None:
+        if state is not None and h.q.shape[1] == 1:  # decoding
             return _steps(self._step, h, state)
-        # the feature maps themselves: the kernel applies them group by group
+        # a prefill, or its next chunk continued from the state; the feature maps
+        # themselves: the kernel applies them group by group
         out = K.window_linear_attention(h.q, h.k, h.v, self.fq, self.fk, window=self.window,
                                         gamma=self.gamma(), scale=self.scale,
-                                        output_final_state=want_state, backend=self.backend)
+                                        output_final_state=want_state, initial_state=state,
+                                        backend=self.backend)
         return out if want_state else (out, None)
 
     @torch.no_grad()

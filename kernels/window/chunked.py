@@ -103,7 +103,7 @@ def _group(q, k, v, fq, fk, gamma, S, lead, *, W, bq, scale, eps, dt):
     return y.reshape(B, nb * bq, H, V)[:, :L], ends[:, -1]
 
 
-def _run(q, k, v, fq, fk, gamma, *, window, scale, block, eps=0.0):
+def _run(q, k, v, fq, fk, gamma, *, window, scale, block, eps=0.0, initial_kv=None):
     B, T, H, K = q.shape
     if T == 0:
         return v.new_zeros(v.shape)
@@ -111,6 +111,8 @@ def _run(q, k, v, fq, fk, gamma, *, window, scale, block, eps=0.0):
     dt = acc_dtype(q)
     fn = functools.partial(_group, W=W, bq=bq, scale=scale, eps=eps, dt=dt)
     s0 = None if fq is None else q.new_zeros(B, H, feature_dim(q, fq), v.shape[-1] + 1, dtype=dt)
+    if s0 is not None and initial_kv is not None:
+        s0 = initial_kv.to(dt)
     return streamed(fn, q, k, v, fq, fk, gamma, s0, window=W, group=group_tokens(B, H, bq, W))
 
 
@@ -127,7 +129,7 @@ def sliding_window_attention_chunked(q, k, v, *, window=64, scale=None, block=64
 
 
 def window_linear_attention_chunked(q, k, v, fq, fk, *, window=64, gamma, scale=None, eps=1e-6,
-                                    output_final_state=False, block=64):
+                                    output_final_state=False, block=64, initial_kv=None):
     """LoLCATs hybrid; same contract as
     linbench.kernels.window.reference.window_linear_attention_ref (returns y).
 
@@ -135,10 +137,11 @@ def window_linear_attention_chunked(q, k, v, fq, fk, *, window=64, gamma, scale=
     feature maps themselves (applied group by group: no (B, T, H, F) tensor at all);
     gamma: (H,) > 0 (the window weight). With output_final_state=True returns (y, WindowState) where
     kv (B, H, F, V + 1) fp32 sums fk_j [v_j, 1] over the tokens out of the window.
+    initial_kv: that sum over keys before q (a continued prefill; default zeros).
     """
     check_positive(window=window, block=block)
     check_shapes(q, k, v)
     check_features(q, fq, fk)
     y = _run(q, k, v, fq, fk, gamma, window=window, scale=default_scale(q, scale), block=block,
-             eps=eps)
+             eps=eps, initial_kv=initial_kv)
     return (y, window_state(k, v, fk, window)) if output_final_state else y

@@ -39,10 +39,11 @@ def window_cache(k, v, window=64) -> WindowCache:
     return WindowCache(k[:, -window:], v[:, -window:])
 
 
-def window_state(k, v, fk, window=64, chunk=1 << 14) -> WindowState:
+def window_state(k, v, fk, window=64, chunk=1 << 14, initial_kv=None) -> WindowState:
     """Hybrid decode state after a prefill, computed directly in O(T) (any backend), `chunk`
     tokens at a time (no whole-sequence copy in the compute dtype). fk: (B, T, H, F) key
-    features or the key feature map (applied chunk by chunk)."""
+    features or the key feature map (applied chunk by chunk). initial_kv: the linear state
+    of tokens before k (a continued prefill), added."""
     dt = acc_dtype(v)
     B, T, H, V = v.shape
     old = max(T - window, 0)  # tokens already out of the window
@@ -58,6 +59,8 @@ def window_state(k, v, fk, window=64, chunk=1 << 14) -> WindowState:
     fk_win = feats(slice(old, T))
     if kv is None:
         kv = fk_win.new_zeros(B, H, fk_win.shape[-1], V + 1, dtype=dt)
+    if initial_kv is not None:
+        kv = kv + initial_kv.to(kv.dtype)
     return WindowState(kv.float(), k[:, old:], v[:, old:], fk_win)
 
 

@@ -27,14 +27,17 @@ def sliding_window_attention_ref(q, k, v, *, window=64, scale=None):
     return torch.einsum("bhij,bjhv->bihv", s.softmax(-1), v.to(dt)).to(out_dtype)
 
 
-def window_linear_attention_ref(q, k, v, fq, fk, *, window=64, gamma, scale=None, eps=1e-6):
+def window_linear_attention_ref(q, k, v, fq, fk, *, window=64, gamma, scale=None, eps=1e-6,
+                                initial_kv=None):
     """LoLCATs hybrid: window softmax + linear attention beyond it, one shared normalizer.
 
     a_ij = gamma_h exp(scale q_i.k_j - m_i) for the last `window` keys (m_i: their max),
     a_ij = fq_i . fk_j for older keys;  y_i = sum_j a_ij v_j / (sum_j a_ij + eps).
     gamma: (H,) > 0, the window weight (lolcats: sigmoid(w), or exp(w) with its affine
     factors); the linear part has weight 1. fq, fk: (B, T, H, F)
-    features, or the feature maps (then applied to q and k here).
+    features, or the feature maps (then applied to q and k here). initial_kv (B, H, F, V + 1):
+    sum of fk_j [v_j, 1] over keys before the sequence (a continued prefill), added to
+    every query's linear part.
     """
     if callable(fq):
         fq, fk = fq(q), fk(k)
@@ -49,5 +52,9 @@ def window_linear_attention_ref(q, k, v, fq, fk, *, window=64, gamma, scale=None
     a_win = gamma.to(dt)[:, None, None] * torch.exp(s - m)
     a_lin = torch.einsum("bihf,bjhf->bhij", fq.to(dt), fk.to(dt)) * lin
     a = a_win + a_lin
-    y = torch.einsum("bhij,bjhv->bihv", a, v.to(dt)) / (a.sum(-1)[..., None].transpose(1, 2) + eps)
-    return y.to(out_dtype)
+    num = torch.einsum("bhij,bjhv->bihv", a, v.to(dt))
+    den = a.sum(-1)[..., None].transpose(1, 2)
+    if initial_kv is not None:
+        before = torch.einsum("bihf,bhfv->bihv", fq.to(dt), initial_kv.to(dt))
+        num, den = num + before[..., :-1], den + before[..., -1:]
+    return (num / (den + eps)).to(out_dtype)

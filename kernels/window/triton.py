@@ -292,7 +292,8 @@ def _hybrid_group(q, k, v, fq, fk, gamma, S, lead, *, window, scale, eps, blocks
 
 
 def window_linear_attention(q, k, v, fq, fk, *, window=64, gamma, scale=None, eps=1e-6,
-                            _blocks=None, _linear=("triton", "chunked"), _group=None):
+                            initial_kv=None, _blocks=None, _linear=("triton", "chunked"),
+                            _group=None):
     """LoLCATs sliding-window + linear hybrid (arXiv 2410.10254), one shared normalizer:
     a_ij = gamma_h exp(scale q_i.k_j - m_i) on the last `window` keys, fq_i.fk_j on older
     keys; y_i = sum_j a_ij v_j / (sum_j a_ij + eps), m_i the window max (not detached).
@@ -320,4 +321,6 @@ def window_linear_attention(q, k, v, fq, fk, *, window=64, gamma, scale=None, ep
     fn = functools.partial(_hybrid_group, window=W, scale=scale, eps=eps,
                            blocks=_blocks or (_BLOCK_M, _BLOCK_N), linear=_linear)
     s0 = q.new_zeros(B, H, feature_dim(q, fq), DV + 1, dtype=torch.float32)
+    if initial_kv is not None:  # the linear state of keys before q (a continued prefill)
+        s0 = initial_kv.float()
     return streamed(fn, q, k, v, fq, fk, gamma, s0, window=W, group=group)

@@ -303,6 +303,67 @@ def test_prefill_then_decode(kit, dtype, kind, T0):
                 window_linear_attention_step, [q, k, v, fq, fk], T0, window=window, gamma=gamma)
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("T0", [3, 8, 29], ids=lambda t: f"first{t}")  # <, =, > the window
+@pytest.mark.parametrize("kind", ["sliding-window", "window-linear"])
+def test_prefill_continues_in_chunks_from_a_state(kit, kind, T0, backend):
+    """A prefill in two calls, the second given the first's final state (initial_state):
+    the outputs, the final state and every gradient (through the handed-over state too)
+    equal one call over all the tokens."""
+    shape, window = kit.Shape(2, 45, 3, 8, 4), 8
+    q, k, v = (x.detach().requires_grad_() for x in kit.qkv(shape, torch.float64))
+    if kind == "sliding-window":
+        leaves = [q, k, v]
+
+        def call(q, k, v, state=None):
+            return K.sliding_window_attention(q, k, v, window=window, output_final_state=True,
+                                              initial_state=state, chunk_size=16, backend=backend)
+    else:
+        fq, fk, gamma = _features(shape, torch.float64)
+        leaves = [q, k, v, fq, fk, gamma]
+
+        def call(q, k, v, fq, fk, gamma, state=None):
+            return K.window_linear_attention(q, k, v, fq, fk, window=window, gamma=gamma,
+                                             output_final_state=True, initial_state=state,
+                                             chunk_size=16, backend=backend)
+    o_full, s_full = call(*leaves)
+    o1, s1 = call(*(x if x.dim() == 1 else x[:, :T0] for x in leaves))
+    o2, s2 = call(*(x if x.dim() == 1 else x[:, T0:] for x in leaves), state=s1)
+    o = torch.cat([o1, o2], 1)
+    tol = 1e-10 if kind == "sliding-window" else 1e-5  # the hybrid's linear state is fp32
+    torch.testing.assert_close(o, o_full, rtol=tol, atol=tol)
+    for a, b in zip(s2, s_full):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    dy = torch.randn(o.shape, generator=torch.Generator().manual_seed(3), dtype=o.dtype)
+    got = torch.autograd.grad((o * dy).sum(), leaves)
+    want = torch.autograd.grad((o_full * dy).sum(), leaves)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=10 * tol, atol=10 * tol)
+
+
+@pytest.mark.parametrize("T0", [5, 29])
+def test_triton_hybrid_continues_from_a_linear_state(T0):
+    """The Triton hybrid's `initial_kv` (interpreter on CPU): the second half of a sequence
+    from the state of the first equals one call."""
+    tri = _triton()
+    g = torch.Generator().manual_seed(0)
+    B, T, H, D, Fd, W = 1, 40, 2, 16, 8, 8
+    q, k, v = (torch.randn(B, T, H, D, generator=g) for _ in range(3))
+    fq, fk = (torch.randn(B, T, H, Fd, generator=g).softmax(-1) for _ in range(2))
+    gamma = torch.tensor([0.3, 2.0])
+    full = tri.window_linear_attention(q, k, v, fq, fk, window=W, gamma=gamma)
+    _, state = K.window_linear_attention(q[:, :T0], k[:, :T0], v[:, :T0], fq[:, :T0], fk[:, :T0],
+                                         window=W, gamma=gamma, output_final_state=True,
+                                         backend="torch")
+    n = state.k.shape[1]
+    ext = [torch.cat([a, b[:, T0:]], 1) for a, b in ((state.k, k), (state.v, v), (state.fk, fk))]
+    qe = torch.cat([torch.zeros(B, n, H, D), q[:, T0:]], 1)
+    fqe = torch.cat([torch.zeros(B, n, H, Fd), fq[:, T0:]], 1)
+    rest = tri.window_linear_attention(qe, ext[0], ext[1], fqe, ext[2], window=W, gamma=gamma,
+                                       initial_kv=state.kv)[:, n:]
+    torch.testing.assert_close(rest, full[:, T0:], rtol=1e-4, atol=1e-5)
+
+
 def test_step_caches_stay_bounded(kit):
     shape = kit.Shape(2, 20, 3, 8, 4)
     q, k, v = (x.detach() for x in kit.qkv(shape, torch.float32))
