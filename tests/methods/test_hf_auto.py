@@ -89,6 +89,17 @@ def test_a_linbench_010_checkpoint_loads_with_its_logits(tmp_path):
     torch.testing.assert_close(_logits(again, want["input_ids"]), want["logits"], rtol=0, atol=1e-6)
 
 
+def test_fields_added_after_a_checkpoint_take_the_value_it_was_trained_with():
+    """The 0.1.0 lolcats checkpoint has no `affine` field: it loads with affine=False (the
+    form it was trained in), while a fresh lolcats config defaults to True."""
+    assert "affine" not in json.loads((FIXTURE / "config.json").read_text())["linbench"]["config"]
+    method = io.method_of(io.base_config(FIXTURE))
+    assert method.config.affine is False and registry.methods.get("lolcats")().config.affine
+    saved = io.base_config(FIXTURE)
+    saved.linbench = {**saved.linbench, "config": {**saved.linbench["config"], "affine": True}}
+    assert io.method_of(saved).config.affine is True  # a saved value always wins
+
+
 # Import orders of a new process, each followed by `from transformers import AutoConfig,
 # AutoModelForCausalLM` and the loads. "names" is the worst: transformers imports its auto
 # modules from inside LlamaConfig's own import, so LlamaConfig does not exist yet when they
