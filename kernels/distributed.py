@@ -35,14 +35,11 @@ and key features before its slice (one all-gather of every rank's last `window` 
 so a halo may span several short slices; its backward is a reduce-scatter that returns
 the halo gradients to their owners). The linear part's prefix state P_r = sum over
 tokens j < t0 - window of fk_j [v_j, 1]^T (t0: the slice start) goes through
-`_PrefixState` as above (no decay). The local call is the unchanged single-device kernel
-(any backend) on [prefix tokens, halo, slice]: the prefix state enters as F virtual
-tokens (token f: feature P[f, V] e_f, value P[f, :V] / P[f, V]) that reproduce fq . P
-exactly and sit out of every local query's window; their outputs and the halo's are
-dropped (F + window extra tokens per rank). Exact whenever each feature's prefix sum
-P[f, V] is nonzero or its row P[f, :V] is zero with it: always for nonnegative feature
-maps such as LoLCATs' softmax / exp features. Collectives: three forward (slice lengths,
-halo, prefix state), two backward.
+`_PrefixState` as above (no decay). The local call is the single-device kernel (any
+backend) continued from the state (P_r, halo), as a chunked prefill continues from a
+WindowState (`initial_state`): the halo's keys in front of the slice with zero queries
+whose outputs are dropped, P_r the starting linear sum of every query. Exact for any
+feature map. Collectives: three forward (slice lengths, halo, prefix state), two backward.
 
 Conventions. Gradients follow the data-parallel rule: the loss is the sum of the ranks'
 losses, every rank runs backward, and a parameter shared by all ranks (decay, gamma)
@@ -240,27 +237,19 @@ def window_linear_attention(q, k, v, fq, fk, *, window=64, gamma, scale=None, ep
     t0 = sum(lens[:dist.get_rank(group)])
     halo = _halo(torch.cat([k.to(dt), v.to(dt), fk.to(dt)], -1), W, lens, group)  # (B, h, H, K+V+F)
     h = halo.shape[1]
-    k_x, v_x, fk_x = (torch.cat([hp, x.to(dt)], 1) for hp, x in
-                      zip(halo.split([Kd, V, Fd], -1), (k, v, fk)))  # (B, h + T, H, .)
-    n = max(0, h + T - W)  # tokens of [t0 - h, t0 + T - W): this rank's share of the prefix
-    M = torch.einsum("bthf,bthv->bhfv", fk_x[:, :n], augment_ones(v_x[:, :n]))  # (B, H, F, V+1)
+    k_h, v_h, fk_h = halo.split([Kd, V, Fd], -1)
+    # this rank's share of the prefix: the keys of [t0 - h, t0 + T - W), halo then slice
+    n = max(0, h + T - W)
+    M = torch.einsum("bthf,bthv->bhfv", fk_h[:, :n], augment_ones(v_h[:, :n]))  # (B, H, F, V+1)
+    if n > h:
+        M = M + torch.einsum("bthf,bthv->bhfv", fk[:, :n - h].to(dt), augment_ones(v[:, :n - h].to(dt)))
+    # P: every key before the halo (zeros where the halo reaches token 0). The single-device
+    # hybrid continues from the state (P, halo) as a prefill continues from its WindowState
     P, _ = _PrefixState.apply(M, None, group)
-    pre = 0
-    if t0 > W:  # keys before t0 - W exist: P enters as F virtual tokens before the halo
-        den = P[..., V]  # (B, H, F)
-        ok = den != 0
-        val = torch.where(ok[..., None], P[..., :V] / torch.where(ok, den, 1)[..., None], 0)
-        k_x = torch.cat([k_x.new_zeros(B, Fd, H, Kd), k_x], 1)
-        v_x = torch.cat([val.permute(0, 2, 1, 3), v_x], 1)  # (B, F, H, V)
-        fk_x = torch.cat([torch.diag_embed(den).permute(0, 2, 1, 3), fk_x], 1)  # (B, F, H, F)
-        pre = Fd
-    q_x = torch.cat([q.new_zeros(B, pre + h, H, Kd, dtype=dt), q.to(dt)], 1)
-    fq_x = torch.cat([fq.new_zeros(B, pre + h, H, Fd, dtype=dt), fq.to(dt)], 1)
-    y = single.window_linear_attention(q_x, k_x, v_x, fq_x, fk_x, window=W, gamma=gamma,
+    y = single.window_linear_attention(q, k, v, fq, fk, window=W, gamma=gamma,
                                        scale=default_scale(q, scale), eps=eps,
-                                       chunk_size=chunk_size, backend=backend)[:, pre + h:]
-    if not pre:  # P unused here: keep its collective in this rank's backward graph
-        y = y + 0 * P.sum()
+                                       initial_state=single.WindowState(P, k_h, v_h, fk_h),
+                                       chunk_size=chunk_size, backend=backend)
     return y.to(v.dtype)
 
 
