@@ -13,6 +13,12 @@ and the kernels' compute-dtype copies exist for one segment at a time. The windo
 stream inside their kernels (linbench.kernels.window), HybridWindow's feature maps
 applied there group by group; MixSum's weighted sum is computed segment by segment into
 one output.
+
+Sequence parallelism (LASP-2, linbench.kernels.distributed): `sequence_parallel(module,
+group)` switches every mixer under `module` that has a sequence-parallel op (its `LASP2`:
+LinearMix, GatedMix, HybridWindow) to it. Each rank then passes its contiguous slice of
+the sequence (kernels.distributed.local_slice) and gets its slice of the output: the same
+per-token maps, the distributed op in place of the single-device kernel, no cache.
 """
 from __future__ import annotations
 
@@ -80,11 +86,37 @@ def _steps(step, h, state):
     return torch.stack(outs, 1), state
 
 
+def sequence_parallel(module: nn.Module, group=None) -> list[str]:
+    """Switch the mixers of `module` (a mixer, a MixerModule, or a model's linearized
+    layers; softmax layers are not covered) to their LASP-2 op over `group` (None: the
+    default process group); returns the ops. ValueError naming a mixer without one."""
+    found = [m.mixer for m in module.modules() if isinstance(getattr(m, "mixer", None), nn.Module)]
+    ops = []
+    for mixer in found or [module]:
+        op = getattr(type(mixer), "LASP2", None)
+        if op is None:
+            raise ValueError(f"{type(mixer).__name__} has no sequence-parallel form "
+                             f"(linbench.kernels.distributed covers {', '.join(_LASP2)})")
+        mixer.lasp2_group = (group,)
+        ops.append(op)
+    return ops
+
+
+_LASP2 = ("linear_attention", "gated_linear_attention", "window_linear_attention")
+
+
+def _whole(state, want_state):
+    if state is not None or want_state:
+        raise ValueError("a sequence-parallel mixer runs whole sequences: no cache in or out")
+
+
 class LinearMix(nn.Module):
     """Causal linear attention on feature maps, with an optional fixed per-head log-decay
     (Lightning) and the normalizer sum_j phi(q_i).phi(k_j) (Hedgehog)."""
 
     window = 0
+    LASP2 = "linear_attention"
+    lasp2_group = None  # (group,) once switched by sequence_parallel
 
     def __init__(self, fq: nn.Module, fk: nn.Module, *, normalize: bool, log_decay=None,
                  scale: float | None = None, backend: str = "auto"):
@@ -96,6 +128,13 @@ class LinearMix(nn.Module):
         return self.fq(h.q), self.fk(h.k)
 
     def forward(self, h, state, want_state):
+        if self.lasp2_group is not None:
+            _whole(state, want_state)
+            from linbench.kernels import distributed as D
+            fq, fk = self.features(h)
+            return D.linear_attention(fq, fk, h.v, decay=self.log_decay, normalize=self.normalize,
+                                      scale=self.scale, backend=self.backend,
+                                      group=self.lasp2_group[0])[0], None
         return _stream(self._run, h, state, want_state)
 
     def _run(self, h, state, want_state):
@@ -169,6 +208,8 @@ class GatedMix(nn.Module):
     """Gated linear attention: S_t = diag(exp g_t) S_{t-1} + k_t v_t^T, o_t = S_t^T q_t."""
 
     window = 0
+    LASP2 = "gated_linear_attention"
+    lasp2_group = None  # (group,) once switched by sequence_parallel
 
     def __init__(self, fq: nn.Module, fk: nn.Module, gate: nn.Module, *, pre_rope: bool = False,
                  scale: float | None = None, backend: str = "auto"):
@@ -177,6 +218,13 @@ class GatedMix(nn.Module):
         self.pre_rope, self.scale, self.backend = pre_rope, scale, backend
 
     def forward(self, h, state, want_state):
+        if self.lasp2_group is not None:
+            _whole(state, want_state)
+            from linbench.kernels import distributed as D
+            q, k = (h.q0, h.k0) if self.pre_rope else (h.q, h.k)
+            return D.gated_linear_attention(self.fq(q), self.fk(k), h.v, self.gate(h),
+                                            scale=self.scale, backend=self.backend,
+                                            group=self.lasp2_group[0])[0], None
         return _stream(self._run, h, state, want_state)
 
     def _run(self, h, state, want_state):
@@ -258,6 +306,9 @@ class HybridWindow(nn.Module):
     and 1 for the linear part: the same output, and a ratio no longer capped at 1.
     `calibrate()` (the calibrated init) sets w_h from a calibration batch (`accumulate`)."""
 
+    LASP2 = "window_linear_attention"
+    lasp2_group = None  # (group,) once switched by sequence_parallel
+
     def __init__(self, fq: nn.Module, fk: nn.Module, heads: int, window: int = 64,
                  gamma_init: float = -2.1972, scale: float | None = None, backend: str = "auto",
                  affine: bool = False):
@@ -278,6 +329,13 @@ class HybridWindow(nn.Module):
                                               scale=self.scale)
 
     def forward(self, h, state, want_state):
+        if self.lasp2_group is not None:  # LASP-2H: halo exchange + prefix state
+            _whole(state, want_state)
+            from linbench.kernels import distributed as D
+            return D.window_linear_attention(h.q, h.k, h.v, self.fq(h.q), self.fk(h.k),
+                                             window=self.window, gamma=self.gamma(),
+                                             scale=self.scale, backend=self.backend,
+                                             group=self.lasp2_group[0]), None
         if state is not None and h.q.shape[1] == 1:  # decoding
             return _steps(self._step, h, state)
         # a prefill, or its next chunk continued from the state; the feature maps

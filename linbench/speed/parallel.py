@@ -1,24 +1,24 @@
 """`linbench speed --nproc N`: kernel-level rows under LASP-2 sequence parallelism.
 
-A method whose mixer maps onto an op of linbench.kernels.distributed (LASP-2, arXiv
-2502.07563) gets, beside its one-process rows, rows measured over N processes on this
-machine:
+A method whose mixer has a sequence-parallel form (its `LASP2` op in
+linbench.kernels.distributed, LASP-2 arXiv 2502.07563; methods.mixers.sequence_parallel)
+gets, beside its one-process rows, rows measured over N processes on this machine:
 
     LinearMix (lightning: fixed per-head decay; hedgehog: normalizer)  -> linear_attention
     GatedMix  (gla)                                                    -> gated_linear_attention
+    HybridWindow (lolcats)                                             -> window_linear_attention
 
 Every other mixer is skipped with one line saying why (the delta rule's state is not a
-sum of per-slice states; the window hybrids and sums are not mapped).
+sum of per-slice states; the window-softmax sums are not mapped).
 
 Each shape is fresh processes from torch's elastic launcher (as
 linbench.kernels.distributed.benchmark; gloo on CPU, NCCL on CUDA with one GPU per rank).
-Every rank builds the method's mixer with the same seed (same parameters), takes its
-contiguous slice of T random tokens (`local_slice`), applies the mixer's per-token maps
-(feature maps, gate) to its slice and the LASP-2 op to the result: the one-process row's
-computation, cut by sequence. The call timed is `prepared_call`'s fwd / fwd + bwd (the
-one-process rows' definition), between barriers; the first call is the warm-up and the
-time-cap check, then a loop of about `target_s` seconds, every rank agreeing on each
-call's time (the slowest rank's). Peak memory: each rank's PeakMemory (CUDA allocator
+Every rank builds the method's mixer with the same seed (same parameters), switches it to
+its LASP-2 op (`sequence_parallel`) and runs it on its contiguous slice of T random tokens
+(`local_slice`): the one-process row's module, cut by sequence. The call timed is
+`prepared_call`'s fwd / fwd + bwd (the one-process rows' definition), between barriers;
+the first call is the warm-up and the time-cap check, then a loop of about `target_s`
+seconds, every rank agreeing on each call's time (the slowest rank's). Peak memory: each rank's PeakMemory (CUDA allocator
 peak, or VmHWM - VmRSS at start on CPU, as the one-process rows), the largest rank's in
 `peak_mem_bytes`, all of them in `peak_mem_bytes_per_rank`. A rank that raises writes its
 reason and exits; the launcher stops the others and the shape is an "oom" / "error"
@@ -41,7 +41,6 @@ SKIP = {  # mixer class name -> why LASP-2 does not cover it
     "DeltaMix": "the delta rule (its state is not a sum of per-slice states: each slice maps "
                 "the incoming state through a K x K transition matrix)",
     "GatedDeltaMix": "the gated delta rule (a K x K transition per slice, as DeltaNet)",
-    "HybridWindow": "the window + linear hybrid (LASP-2H, not mapped to a speed row)",
     "MixSum": "a sum of mixers with a window-softmax part",
     "WindowSoftmax": "sliding-window softmax",
     "SDPAMixer": "softmax attention",
@@ -49,16 +48,16 @@ SKIP = {  # mixer class name -> why LASP-2 does not cover it
 
 
 def lasp2_op(mixer) -> tuple[str | None, str]:
-    """("linear" | "gla", what runs) for a kernel-level mixer LASP-2 covers, else (None, why)."""
-    from linbench.methods.mixers import GatedMix, LinearMix
+    """(op, what runs) for a kernel-level mixer with a sequence-parallel form (its `LASP2`
+    op of linbench.kernels.distributed), else (None, why)."""
     inner = getattr(mixer, "mixer", mixer)
-    if type(inner) is LinearMix:
-        parts = ["decay"] * (inner.log_decay is not None) + ["normalize"] * bool(inner.normalize)
-        return "linear", "linear_attention" + (f" ({', '.join(parts)})" if parts else "")
-    if type(inner) is GatedMix:
-        return "gla", "gated_linear_attention"
-    name = type(inner).__name__
-    return None, SKIP.get(name, f"its mixer {name}")
+    op = getattr(type(inner), "LASP2", None)
+    if op is None:
+        name = type(inner).__name__
+        return None, SKIP.get(name, f"its mixer {name}")
+    parts = [f for f, on in (("decay", getattr(inner, "log_decay", None) is not None),
+                             ("normalize", getattr(inner, "normalize", False))) if on]
+    return op, op + (f" ({', '.join(parts)})" if parts else "")
 
 
 def coverage(name: str, heads: int, dim: int, backend: str) -> tuple[str | None, str]:
@@ -96,24 +95,6 @@ def parallel_target(name: str, cfg, dtype):
 
 # --------------------------------------------------------------------------- the ranks
 
-def _forward(inner, op: str):
-    """(q, k, v) -> this rank's slice of the mixer's output through the LASP-2 op."""
-    from linbench.kernels import distributed as D
-    from linbench.methods.attention import Heads
-
-    def fn(q, k, v):
-        B, T, H, Dh = q.shape
-        h = Heads(q, k, v, q, k, q.reshape(B, T, H * Dh))  # as MixerModule: x stood in by q
-        if op == "gla":
-            qq, kk = (h.q0, h.k0) if inner.pre_rope else (h.q, h.k)
-            return D.gated_linear_attention(inner.fq(qq), inner.fk(kk), h.v, inner.gate(h),
-                                            scale=inner.scale, backend=inner.backend)[0]
-        fq, fk = inner.features(h)
-        return D.linear_attention(fq, fk, h.v, decay=inner.log_decay, normalize=inner.normalize,
-                                  scale=inner.scale, backend=inner.backend)[0]
-    return fn
-
-
 def _agreed(x: float, dev) -> float:
     """The largest x over the ranks (every rank gets the same number)."""
     import torch.distributed as dist
@@ -130,6 +111,7 @@ def _rank(spec: dict) -> dict:
 
     from linbench import registry
     from linbench.kernels.distributed import local_slice
+    from linbench.methods.mixers import sequence_parallel
     from linbench.speed.timing import PeakMemory, is_oom, prepared_call, quantile
     rank = int(os.environ.get("RANK", "0"))
     try:
@@ -146,13 +128,13 @@ def _rank(spec: dict) -> dict:
         torch.manual_seed(0)  # the same parameters on every rank
         mixer = registry.methods.get(spec["method"])().mixer(H, Dh, backend=spec["backend"])
         mixer = mixer.to(device=dev, dtype=dtype)
-        inner = getattr(mixer, "mixer", mixer)
+        sequence_parallel(mixer)  # its LASP-2 op over the default process group
         params = [p for p in mixer.parameters() if p.requires_grad]
         sl = local_slice(T)
         n = sl.stop - sl.start
         torch.manual_seed(1 + rank)
         grad = spec["mode"] == "fwdbwd"
-        fn = _forward(inner, spec["op"])
+        fn = mixer  # (q, k, v) slices -> this rank's output slice
         # one-time costs (the group's first collectives, kernel set-up) outside the peak
         warm = [torch.randn(B, min(n, 64), H, Dh, dtype=dtype, device=dev).requires_grad_(grad)
                 for _ in range(3)]

@@ -18,13 +18,17 @@ from tests.speed.test_sweep import cli, records
 
 
 def test_which_mixers_lasp2_covers():
-    assert parallel.coverage("lightning", 2, 8, "auto") == ("linear", "linear_attention (decay)")
-    assert parallel.coverage("hedgehog", 2, 8, "auto") == ("linear",
+    assert parallel.coverage("lightning", 2, 8, "auto") == ("linear_attention",
+                                                           "linear_attention (decay)")
+    assert parallel.coverage("hedgehog", 2, 8, "auto") == ("linear_attention",
                                                            "linear_attention (normalize)")
-    assert parallel.coverage("gla", 2, 8, "auto") == ("gla", "gated_linear_attention")
+    assert parallel.coverage("gla", 2, 8, "auto") == ("gated_linear_attention",
+                                                      "gated_linear_attention")
+    assert parallel.coverage("lolcats", 2, 8, "auto") == ("window_linear_attention",
+                                                          "window_linear_attention")
     for name, why in [("deltanet", "delta rule"), ("gated_deltanet", "gated delta rule"),
-                      ("lolcats", "window + linear hybrid"), ("softmax", "softmax attention"),
-                      ("liger", "window-softmax"), ("swa", "sliding-window softmax")]:
+                      ("softmax", "softmax attention"), ("liger", "window-softmax"),
+                      ("swa", "sliding-window softmax")]:
         op, text = parallel.coverage(name, 2, 8, "auto")
         assert op is None and why in text, (name, text)
 
@@ -46,7 +50,7 @@ def test_sweep_writes_nproc_rows_beside_the_one_process_rows(tmp_path, capsys):
     for r in par:
         d = r["details"]
         assert r["status"] == "ok", d["note"]
-        assert r["config"]["nproc"] == 2 and d["lasp2_op"] == "linear"
+        assert r["config"]["nproc"] == 2 and d["lasp2_op"] == "linear_attention"
         assert r["metrics"]["tokens_per_s"]["value"] > 0
         assert d["peak_mem_bytes"] > 0 and len(d["peak_mem_bytes_per_rank"]) == 2
         assert d["slice_tokens"] == [d["seqlen"] // 2] * 2 and d["threads"] == 1
