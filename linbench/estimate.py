@@ -14,7 +14,7 @@ from linbench.units import fmt_duration as _fmt_s
 HOUR = 3600.0
 # Recovery training tokens/s used when no earlier record measured them: SmolLM2-135M in
 # fp32 on an idle 2-core CPU (linbench.recovery.budget, the `cpu` preset's comment).
-DEFAULT_CPU_TOKENS_PER_S = {"transfer": 490.0, "lora": 300.0}
+DEFAULT_CPU_TOKENS_PER_S = {"transfer": 490.0, "distill": 200.0, "lora": 300.0}
 
 
 def _items(job, ctx, history: list[dict]) -> tuple[int | None, str]:
@@ -54,7 +54,7 @@ def announce(plan, spec, store: Store, jobs: list, echo) -> dict:
     b = budgets.parse(plan.budget)
     total, unknown, defaults, lines = 0.0, [], set(), []
     stage_rate = {}  # seconds per training token, by stage, from earlier records' stage dicts
-    for name in ("transfer", "lora"):
+    for name in ("transfer", "distill", "lora"):
         rows = [(s["seconds"], s["tokens"]) for r in history for s in r.get("recovery") or []
                 if s.get("stage") == name and s.get("tokens") and s.get("seconds") is not None]
         if rows:
@@ -71,9 +71,9 @@ def announce(plan, spec, store: Store, jobs: list, echo) -> dict:
             lines.append(f"  {method_name}: recovered checkpoint cached ({ckpt}), no training")
             continue
         seqlen, parts, secs = b.seqlen_for(m), [], 0.0
-        for name in ("transfer", "lora"):
+        for name in ("transfer", "distill", "lora"):
             steps = b.steps(name, seqlen)
-            if not steps or (name == "transfer" and not getattr(m.config, "transfer", None)):
+            if not steps or (name in ("transfer", "distill") and not getattr(m.config, name, None)):
                 continue
             parts.append(f"{name} {steps} steps")
             tokens = steps * b.batch_size * seqlen

@@ -184,7 +184,7 @@ class LinearizedAttention(nn.Module):
         self.norm = HeadRMSNorm(self.heads, self.head_dim) if norm else None
         hidden = hidden_size or cfg.hidden_size
         self.gate = OutputGate(hidden, self.heads, self.head_dim) if output_gate else None
-        self.transfer: str | None = None        # None | "mse" | "ce" | "calibrate"
+        self.transfer: str | None = None        # None | "mse" | "ce" | "calibrate" | "teacher"
         self._moments: list | None = None        # sums for the calibrated init
         self.transfer_loss: torch.Tensor | None = None
         self.transfer_block = 256               # query block of the "ce" loss
@@ -236,7 +236,7 @@ class LinearizedAttention(nn.Module):
             self.transfer_loss = self._attention_ce(h)
         elif self.transfer == "calibrate":
             self._accumulate(teacher, h)
-        else:
+        elif self.transfer != "teacher":  # "teacher": the softmax model, nothing else
             raise ValueError(f"unknown transfer loss {self.transfer!r}; valid: mse, ce")
         return teacher
 

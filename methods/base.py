@@ -70,6 +70,7 @@ class Method:
 # MiSS, the successor of Bone (arXiv 2409.15371). linbench.recovery.adapters builds them.
 ADAPTERS = ("lora", "pissa", "eva", "corda", "bone")
 INITS = ("calibrated", "paper")  # see LinearConfig.init
+DISTILL = (None, "new", "all")   # see LinearConfig.distill
 # keep_softmax_layers="auto:N" ranks layers by held-out attention-transfer MSE, "auto_kl:N"
 # by the KL of the next-token distribution with only that layer linearized.
 AUTO_CRITERIA = {"auto": "transfer_mse", "auto_kl": "kl"}
@@ -98,6 +99,11 @@ class LinearConfig(MethodConfig):
     # 0: all layers at once; K: block-wise, blocks of K decoder layers trained one after
     # another on cached teacher inputs (methods/README.md, "Block-wise transfer")
     transfer_blocks: int = 0
+    # optional stage between transfer and LoRA (RADLADS' step 2, arXiv 2505.03005): the
+    # student's next-token distribution pulled to the teacher's, KL end to end; None (off),
+    # "new" (the method's new parameters train) or "all" (every parameter, as RADLADS)
+    distill: str | None = None
+    distill_lr: float = 1e-3
     # stage 2: LoRA through peft
     lora_r: int = 8                            # 0 = no LoRA stage
     adapter: str = "lora"                      # one of ADAPTERS (methods/README.md, "Adapters")
@@ -119,6 +125,8 @@ class LinearConfig(MethodConfig):
             raise one_of("adapter", self.adapter, ADAPTERS)
         if self.init not in INITS:
             raise one_of("init", self.init, INITS)
+        if self.distill not in DISTILL:
+            raise one_of("distill", self.distill, ("new", "all", "none"))
         if not isinstance(self.transfer_blocks, int) or isinstance(self.transfer_blocks, bool) \
                 or self.transfer_blocks < 0:
             raise LinbenchError(f"transfer_blocks: bad value {self.transfer_blocks!r}; valid: 0 "
@@ -169,7 +177,8 @@ class LinearMethod(Method):
         return swap_attention(model, self)
 
     def needs_recovery(self) -> bool:
-        return self.config.transfer is not None or self.config.lora_r > 0
+        c = self.config
+        return c.transfer is not None or c.distill is not None or c.lora_r > 0
 
     def calibrates(self) -> bool:
         """Whether `init=calibrated` has something to set: an output norm here; methods

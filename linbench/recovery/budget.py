@@ -4,8 +4,9 @@
     cpu                        ~10 min per method on SmolLM2-135M on a 2-core CPU
     paper                      the papers' budgets (LoLCATs: 20M + 20M tokens; GPUs)
     50000 | 2M | 0.02B         both stages get this many tokens (k = 1e3, M = 1e6, B = 1e9)
-    transfer=1M,lora=2M        per stage; also val=, eval=, batch=, micro=, seqlen=,
-                               patience=, save=
+    transfer=1M,lora=2M        per stage; also distill= (the optional distillation
+                               stage; default: as many as lora), val=, eval=, batch=,
+                               micro=, seqlen=, patience=, save=
     cpu,lora=0                 a preset, then overrides
 
 Numbers are decimal (token budgets are quoted that way in the papers). A stage with 0
@@ -20,8 +21,8 @@ from linbench.errors import LinbenchError
 from linbench.units import parse_count
 
 FORMS = ("smoke", "quick", "cpu", "paper", "a token count like 50000 or 2M",
-         "key=value pairs like transfer=1M,lora=2M (keys: transfer, lora, val, eval, batch, "
-         "micro, seqlen, patience, save)")
+         "key=value pairs like transfer=1M,lora=2M (keys: transfer, lora, distill, val, eval, "
+         "batch, micro, seqlen, patience, save)")
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,8 @@ class Budget:
     seqlen: int | None = None      # overrides the method's packed sequence length
     patience: int = 3              # evaluations without improvement before early stopping
     save_every: int = 25           # optimizer steps between resumable training-state saves
+    # the optional distillation stage (a method's `distill` field); None: lora_tokens
+    distill_tokens: int | None = None
     name: str = "custom"
 
     def identity(self) -> dict:
@@ -42,10 +45,13 @@ class Budget:
         d = dataclasses.asdict(self)
         for k in ("name", "save_every"):
             d.pop(k)
+        if d["distill_tokens"] is None:  # budgets from before the stage hash as they did
+            d.pop("distill_tokens")
         return d
 
     def stage_tokens(self, stage: str) -> int:
-        return {"transfer": self.transfer_tokens, "lora": self.lora_tokens}[stage]
+        distill = self.lora_tokens if self.distill_tokens is None else self.distill_tokens
+        return {"transfer": self.transfer_tokens, "distill": distill, "lora": self.lora_tokens}[stage]
 
     def seqlen_for(self, method) -> int:
         return self.seqlen or getattr(method.config, "seqlen", 1024)
@@ -87,7 +93,8 @@ PRESETS = {
                     save_every=100, name="paper"),
 }
 
-_KEYS = {"transfer": "transfer_tokens", "lora": "lora_tokens", "val": "val_tokens",
+_KEYS = {"transfer": "transfer_tokens", "lora": "lora_tokens", "distill": "distill_tokens",
+         "val": "val_tokens",
          "eval": "eval_every", "batch": "batch_size", "micro": "micro_batch", "seqlen": "seqlen",
          "patience": "patience", "save": "save_every"}
 

@@ -6,6 +6,9 @@
         o_proj, LoLCATs arXiv 2410.10254; or "ce" of the attention weights, Hedgehog
         arXiv 2402.04347). Layers pass the teacher output on, so the forward stops at the
         decoder body (no lm_head).
+    optional distillation (config.distill, off by default; RADLADS arXiv 2505.03005, step
+        2): KL(teacher || student) of the next-token distributions, end to end, on the new
+        parameters or on all; the teacher is the same model in transfer mode "teacher".
     stage 2, LoRA (peft): next-token cross-entropy, adapters on config.lora_targets, every
         other parameter frozen (feature maps included, as LoLCATs says), then merged, so
         the result is a plain linearized model that methods.io.save_pretrained writes.
@@ -33,7 +36,7 @@ from linbench.recovery import adapters, budget as budgets, dist
 from linbench.assets import manifest
 from linbench.recovery.train import Objective, Plan, evaluate, fit
 
-STAGES = ("transfer", "lora")
+STAGES = ("transfer", "distill", "lora")  # distill: optional, off unless the config asks
 
 
 def code_version() -> str:
@@ -116,7 +119,7 @@ def recover(method, model, data, budget, *, seed: int = 0, progress: bool = Fals
                     dtype=next(model.parameters()).dtype, progress=progress,
                     on_step=on_step, state_path=ckpt / f"{name}.state.pt" if ckpt else None)
         echo(f"recovery: stage {name}, {plan.steps} steps of {budget.batch_size} x {seqlen} tokens")
-        run = _transfer if name == "transfer" else _lora
+        run = {"transfer": _transfer, "distill": _distill, "lora": _lora}[name]
         chosen = _select(method, model, tensors()[1], plan, echo) if name == "lora" else None
         model, stage = run(cfg, model, *tensors(), plan)
         if name == "transfer":  # auto:N hybrid selection after stage 1 (before LoRA if none)
@@ -173,6 +176,8 @@ def _wanted(name: str, method, model, budget) -> bool:
     if name == "transfer":
         from linbench.methods.linearize import new_parameters
         return getattr(cfg, "transfer", None) is not None and bool(new_parameters(model))
+    if name == "distill":
+        return getattr(cfg, "distill", None) is not None
     return getattr(cfg, "lora_r", 0) > 0
 
 
@@ -254,6 +259,33 @@ def _transfer(cfg, model, train, val, plan: Plan):
     with _trainable(model, params), _transfer_mode(layers, cfg.transfer):
         res = fit(obj, model, train, val, plan)
     return model, _stage("transfer", res, ppl_before, _ppl(model, val, plan))
+
+
+def _distill(cfg, model, train, val, plan: Plan):
+    """The optional stage between transfer and LoRA (RADLADS' step 2, arXiv 2505.03005):
+    per token KL(teacher || student) of the next-token distributions, end to end, on
+    cfg.distill's parameters ("new": the method's, "all": every one). The teacher is the
+    same model with every linearized layer passing its softmax output on (transfer mode
+    "teacher"), so no second copy of the weights is held."""
+    import torch.nn.functional as F
+
+    from linbench.methods.attention import linearized_layers
+    layers = linearized_layers(model)
+    new = {id(p) for layer in layers for p in layer.new_parameters()}
+    params = {n: p for n, p in model.named_parameters() if cfg.distill == "all" or id(p) in new}
+
+    def loss(ids):
+        with torch.no_grad(), _transfer_mode(layers, "teacher"):
+            teacher = model(input_ids=ids, use_cache=False).logits.float().log_softmax(-1)
+        student = model(input_ids=ids, use_cache=False).logits.float().log_softmax(-1)
+        return F.kl_div(student, teacher, log_target=True, reduction="sum") / ids.numel()
+
+    ppl_before = _ppl(model, val, plan)
+    obj = Objective("distill", params, loss, cfg.distill_lr, cfg.weight_decay, cfg.max_grad_norm,
+                    shardable=True)
+    with _trainable(model, params):
+        res = fit(obj, model, train, val, plan)
+    return model, _stage("distill", res, ppl_before, _ppl(model, val, plan))
 
 
 def _lora(cfg, model, train, val, plan: Plan):

@@ -385,3 +385,49 @@ def test_runner_recovers_once_then_reuses_the_checkpoint(tmp_path, monkeypatch, 
         assert lol["config_hash"] not in keys and soft["config_hash"] in keys
     finally:
         registry.suites.unregister("test-count")
+
+
+# -- the optional distillation stage ------------------------------------------------------
+def test_distill_stage_pulls_the_student_to_the_teacher_between_transfer_and_lora(corpus):
+    """distill="new": the stage runs between transfer and LoRA and lowers its held-out KL."""
+    method, model = linearized("lolcats", distill="new", distill_lr=1e-2, init="paper")
+    model = recovery.recover(method, model, corpus, "smoke,transfer=256,distill=512,lora=256")
+    assert [s["stage"] for s in recovery.stages_of(model)] == ["transfer", "distill", "lora"]
+    stage = recovery.stages_of(model)[1]
+    assert stage["steps"] == 4 and stage["val_curve"][-1][1] < stage["val_curve"][0][1]
+    assert stage["ppl_after"] is not None
+
+
+def test_distill_teacher_is_the_softmax_parent():
+    from tests.recovery.test_calibrate import linearized as calibrate_linearized
+    base = make_tiny_llama(vocab_size=256, seed=0)
+    model = calibrate_linearized("lolcats")  # the same tiny Llama (vocab 256, seed 0)
+    ids = torch.randint(0, 256, (1, 96), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        with recovery._transfer_mode(linearized_layers(model), "teacher"):
+            teacher = model(ids).logits
+        torch.testing.assert_close(teacher, base(ids).logits, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(model(ids).logits, teacher, atol=1e-3)  # the student differs
+
+
+@pytest.mark.parametrize("which", ["new", "all"])
+def test_distill_trains_the_parameters_it_names(corpus, which):
+    method, model = linearized("lolcats", distill=which, init="paper")
+    state0 = snapshot(model)
+    model = recovery.recover(method, model, corpus, "smoke,transfer=0,distill=256,lora=0")
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, state0[k])}
+    assert changed
+    if which == "new":
+        assert all(".mixer." in k for k in changed)
+    else:
+        assert any("q_proj" in k for k in changed) and any("mlp" in k for k in changed)
+
+
+def test_distill_is_checked_and_its_budget_defaults_to_lora_tokens():
+    with pytest.raises(LinbenchError, match=r"unknown distill 'kl' \(choose from: all, new, none\)"):
+        registry.methods.get("gla")(distill="kl")
+    b = budgets.parse("cpu")
+    assert b.stage_tokens("distill") == b.lora_tokens and "distill_tokens" not in b.identity()
+    assert budgets.parse("cpu,distill=4096").stage_tokens("distill") == 4096
+    assert not registry.methods.get("gla")(transfer=None, lora_r=0).needs_recovery()
+    assert registry.methods.get("gla")(transfer=None, lora_r=0, distill="new").needs_recovery()
