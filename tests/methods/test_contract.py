@@ -215,9 +215,10 @@ def test_layer_matches_paper_form(name):
 
 
 def test_lolcats_affine_factors_are_the_reference_codes():
-    """Default `affine=True`: window weight gamma, linear weight 1 - gamma (the kernels get
-    their ratio); the paper form above has linear weight 1."""
-    method, model = linearized("lolcats")
+    """`affine=True`: window weight gamma, linear weight 1 - gamma (the kernels get their
+    ratio); the paper form (the default) has linear weight 1."""
+    assert not registry.methods.get("lolcats")().config.affine
+    method, model = linearized("lolcats", affine=True)
     assert method.config.affine
     perturb(model)
     attn, h = _layer_heads(model, T=90)

@@ -89,15 +89,19 @@ def test_a_linbench_010_checkpoint_loads_with_its_logits(tmp_path):
     torch.testing.assert_close(_logits(again, want["input_ids"]), want["logits"], rtol=0, atol=1e-6)
 
 
-def test_fields_added_after_a_checkpoint_take_the_value_it_was_trained_with():
-    """The 0.1.0 lolcats checkpoint has no `affine` field: it loads with affine=False (the
-    form it was trained in), while a fresh lolcats config defaults to True."""
+def test_fields_added_after_a_checkpoint_take_the_value_it_was_trained_with(monkeypatch):
+    """A field missing from a saved config takes its config class's ADDED value (the form
+    the checkpoint was trained in), not the current default; a saved value always wins."""
+    from linbench.methods.lolcats import LolcatsConfig
     assert "affine" not in json.loads((FIXTURE / "config.json").read_text())["linbench"]["config"]
-    method = io.method_of(io.base_config(FIXTURE))
-    assert method.config.affine is False and registry.methods.get("lolcats")().config.affine
+    assert io.method_of(io.base_config(FIXTURE)).config.affine is False
+    monkeypatch.setattr(LolcatsConfig, "ADDED", {"affine": True})  # as if it had been trained so
+    assert io.method_of(io.base_config(FIXTURE)).config.affine is True
+    assert registry.methods.get("lolcats")().config.affine is False  # the default is not it
+    monkeypatch.setattr(LolcatsConfig, "ADDED", {})
     saved = io.base_config(FIXTURE)
     saved.linbench = {**saved.linbench, "config": {**saved.linbench["config"], "affine": True}}
-    assert io.method_of(saved).config.affine is True  # a saved value always wins
+    assert io.method_of(saved).config.affine is True
 
 
 # Import orders of a new process, each followed by `from transformers import AutoConfig,

@@ -131,8 +131,10 @@ def test_lolcats_window_weight_is_calibrated_to_the_teachers_window_mass(affine)
     assert not mixer.calibrate()  # the sums are spent
 
 
-def test_recovery_calibrates_lolcats_window_weight():
-    model = linearized("lolcats")
+def test_calibration_sets_lolcats_window_weight_in_the_affine_form_only():
+    assert not registry.methods.get("lolcats")().calibrates()  # the paper form: nothing to set
+    assert registry.methods.get("lolcats")(affine=True).calibrates()
+    model = linearized("lolcats", affine=True)
     before = torch.stack([layer.mixer.gamma_logit.clone() for layer in linearized_layers(model)])
     ids = torch.randint(0, VOCAB, (1, 160), generator=torch.Generator().manual_seed(2))
     assert calibrate(model, ids, tokens=160)["layers"] == len(linearized_layers(model))
