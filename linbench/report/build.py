@@ -63,8 +63,8 @@ class Table:
 
 def _groups(df: pd.DataFrame, records: list[dict]) -> list[list[int]]:
     """Record indices per comparability key: tables in suite order (the suites' declared
-    order, then by name; speed last), rows by role, method, then created (quality) or mode
-    and sequence length (speed)."""
+    order, then by name; speed last), rows by role, method, then created (quality) or mode,
+    sequence length, processes and prefill chunk (speed)."""
     recs = df.drop_duplicates("record").set_index("record", drop=False)
     recs = recs.assign(
         key=[keys.key(records[i]) for i in recs.record],
@@ -73,14 +73,16 @@ def _groups(df: pd.DataFrame, records: list[dict]) -> list[list[int]]:
         rank=recs.method_role.map(plugin_meta.role_rank),
         speed=recs.kind == "speed",
         **{c: recs[c].fillna("") for c in ("suite", "method", "created", "mode")},
-        seqlen=recs.seqlen.fillna(0))
+        seqlen=recs.seqlen.fillna(0), nproc=recs.nproc.fillna(1),
+        prefill_chunk=recs.prefill_chunk.fillna(0))
     recs["group"] = recs.groupby("key", sort=False).ngroup()  # first appearance
     first = recs.drop_duplicates("group").sort_values(["speed", "order", "suite", "group"],
                                                       kind="stable", na_position="last")
     out = []
     for g, speed in zip(first.group, first.speed):
         rows = recs[recs.group == g].sort_values(
-            ["rank", "method", "mode", "seqlen"] if speed else ["rank", "method", "created"],
+            ["rank", "method", "mode", "seqlen", "nproc", "prefill_chunk"] if speed
+            else ["rank", "method", "created"],
             kind="stable")
         out.append(list(rows.record))
     return out
