@@ -380,18 +380,14 @@ class HybridWindow(nn.Module):
 
     @torch.no_grad()
     def calibrate(self) -> bool:
-        """Set w_h to the mean calibrated log window weight (geometric mean of the weights),
-        as exp(w) under `affine`, sigmoid(w) otherwise (there capped just below 1).
-        False when nothing was accumulated."""
-        if self._logratio is None or not bool((self._logratio[1] > 0).any()):
+        """Set exp(w_h), the affine form's window weight, to the geometric mean of the
+        calibrated weights (the paper's form, gamma = sigmoid(w) <= 1, is not calibrated:
+        lolcats.calibrates). False when nothing was accumulated."""
+        if not self.affine or self._logratio is None or not bool((self._logratio[1] > 0).any()):
             return False
         total, count = self._logratio
-        logg = torch.where(count > 0, total / count.clamp_min(1), self.gamma().double().log())
-        logg = logg.clamp(-12.0, 12.0)
-        if not self.affine:  # sigmoid(w) = g  <=>  w = log g - log(1 - g), g < 1
-            g = logg.exp().clamp(max=1 - 1e-3)
-            logg = g.log() - torch.log1p(-g)
-        self.gamma_logit.copy_(logg.to(self.gamma_logit.dtype))
+        logg = torch.where(count > 0, total / count.clamp_min(1), self.gamma_logit.double())
+        self.gamma_logit.copy_(logg.clamp(-12.0, 12.0).to(self.gamma_logit.dtype))
         self._logratio = None
         return True
 
