@@ -176,7 +176,11 @@ def _rank(spec: dict) -> dict:
                 "threads": torch.get_num_threads()}
     except BaseException as err:  # noqa: BLE001 - the reason goes to the parent, then exit
         line = (str(err).splitlines() or [""])[0][:200]
-        note = {"rank": rank, "status": "oom" if is_oom(err) else "error",
+        # SignalException: the launcher stopping this rank (another rank failed first, or
+        # the run was interrupted): a consequence, recorded as such, never as the cause
+        status = ("stopped" if type(err).__name__ == "SignalException"
+                  else "oom" if is_oom(err) else "error")
+        note = {"rank": rank, "status": status,
                 "note": f"rank {rank}: {type(err).__name__}: {line}"}
         try:
             with open(os.path.join(spec["notes"], f"rank{rank}.json"), "w") as f:
@@ -206,7 +210,8 @@ def _launch(nproc: int, spec: dict) -> list[dict]:
 
 def _failure(err: BaseException, notes_dir: str) -> tuple[str, str]:
     """(status, note) of a launch that failed: the ranks' own reasons when they wrote one,
-    else the exit codes the launcher saw (SIGKILL: the OOM killer, most likely)."""
+    else the exit codes the launcher saw (SIGKILL: the OOM killer, most likely). Ranks the
+    launcher stopped because another one failed (SignalException) are named, not blamed."""
     notes = []
     for f in sorted(os.listdir(notes_dir)):
         try:
@@ -214,9 +219,12 @@ def _failure(err: BaseException, notes_dir: str) -> tuple[str, str]:
                 notes.append(json.load(fh))
         except (OSError, ValueError):
             pass
-    if notes:
-        status = "oom" if any(n.get("status") == "oom" for n in notes) else "error"
-        return status, "; ".join(n.get("note", "") for n in notes)
+    causes = [n for n in notes if n.get("status") != "stopped"]
+    stopped = "; ".join(n.get("note", "") for n in notes if n.get("status") == "stopped")
+    after = f"; stopped by the launcher: {stopped}" if stopped else ""
+    if causes:
+        status = "oom" if any(n.get("status") == "oom" for n in causes) else "error"
+        return status, "; ".join(n.get("note", "") for n in causes)
     failures = getattr(err, "failures", None) or {}
     if failures:
         parts, killed = [], False
@@ -225,12 +233,11 @@ def _failure(err: BaseException, notes_dir: str) -> tuple[str, str]:
             sig = f.signal_name() if code is not None and code < 0 else None
             killed |= sig == "SIGKILL"
             parts.append(f"rank {r} exit code {code}" + (f" ({sig})" if sig else ""))
-        why = ", ".join(parts)
-        if killed:
-            return "oom", why + ": killed, most likely by the OOM killer"
-        return "error", why
+        why = ", ".join(parts) + (": killed, most likely by the OOM killer" if killed else "")
+        return ("oom" if killed else "error"), why + after
     line = (str(err).splitlines() or [""])[0][:200]
-    return ("oom" if "out of memory" in line.lower() else "error"), f"{type(err).__name__}: {line}"
+    status = "oom" if "out of memory" in line.lower() else "error"
+    return status, f"{type(err).__name__}: {line}" + after
 
 
 # --------------------------------------------------------------------------- the parent
@@ -262,6 +269,9 @@ def run_parallel_shape(target, mode, T, cfg, dtype, device_name, guard, cheaper=
         try:
             ranks = launch(N, spec)
         except Exception as err:  # noqa: BLE001 - every failure becomes a record
+            from torch.distributed.elastic.multiprocessing.api import SignalException
+            if isinstance(err, SignalException):  # this process was signalled (SIGTERM)
+                raise KeyboardInterrupt(str(err)) from err  # an interruption, not a result
             status, details["note"] = _failure(err, notes)
             guard.observe(T, status, None, None)
             return status, {}, details

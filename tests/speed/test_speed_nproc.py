@@ -90,6 +90,26 @@ def test_a_shape_that_fails_in_the_children_is_a_record(tmp_path):
     status, _, details = parallel.run_parallel_shape(target, "fwd", 64, cfg, torch.float32,
                                                      "cpu", guard, launch=killed)
     assert status == "oom" and "SIGKILL" in details["note"] and details["nproc"] == 2
+    # the other ranks, stopped by the launcher (SIGTERM -> SignalException), are not the cause
+    def killed_and_stopped(nproc, spec):
+        with open(f"{spec['notes']}/rank1.json", "w") as f:
+            json.dump({"rank": 1, "status": "stopped",
+                       "note": "rank 1: SignalException: Process 7 got signal: 15"}, f)
+        raise Killed()
+    status, _, details = parallel.run_parallel_shape(target, "fwd", 64, cfg, torch.float32,
+                                                     "cpu", Guard(), launch=killed_and_stopped)
+    assert status == "oom" and details["note"].startswith("rank 0 exit code -9 (SIGKILL)")
+    assert "stopped by the launcher: rank 1: SignalException" in details["note"]
+    # linbench itself signalled while the group runs: an interruption, not a record
+    import signal
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    def signalled(nproc, spec):  # what the launcher raises in the parent on SIGTERM
+        raise SignalException("Process 1 got signal: 15", sigval=signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        parallel.run_parallel_shape(target, "fwd", 64, cfg, torch.float32, "cpu", Guard(),
+                                    launch=signalled)
     # larger T of that mode follow without launching
     status, _, details = parallel.run_parallel_shape(target, "fwd", 128, cfg, torch.float32,
                                                      "cpu", guard, launch=None)
