@@ -19,16 +19,19 @@ import re
 
 from linbench.report import meta as plugin_meta
 from linbench.report import stats
-from linbench.report.build import Table
-from linbench.report.cells import Cell, fmt_metric, num
+from linbench.report.build import Table, budget_cell
+from linbench.report.cells import Cell, fmt_metric, num, state_bytes_of
+from linbench.units import fmt_bytes
 
 _VARIANT = re.compile(r"^(?P<base>[^\[\]]+)\[(?P<changes>.+)\]$")
 
 COLUMNS = ["variant", "default", "metric", "variant value", "default value", "difference",
-           "95% CI", "p", "n", "significant"]
+           "95% CI", "p", "n", "significant", "state bytes (variant / default)", "budget"]
 NOTE = ("Each variant (a run with --set overrides) against its method's default "
         "configuration on the items both share. difference: variant - default in points for "
-        "accuracies, variant / default for perplexities. significant: at 95% (two-sided).")
+        "accuracies, variant / default for perplexities. significant: at 95% (two-sided). "
+        "state bytes: the inference state of each at the length shown. budget: the variant's "
+        "recovery budget, marked where the default's differs.")
 
 
 def base_of(label: str) -> tuple[str, str] | None:
@@ -71,6 +74,21 @@ def _diff_cells(c: stats.Comparison) -> list[Cell]:
             Cell(sig, int(bool(c.significant)), c.describe(), None if c.significant else "ns")]
 
 
+def _state(variant: dict, base: dict) -> Cell:
+    """"35.5 MiB / 16.9 MiB @2048": both rows' inference state at the variant's length."""
+    (vb, vt), (db, dt) = state_bytes_of(variant), state_bytes_of(base)
+    at = f" @{vt}" if vt and vt == dt else ""
+    return Cell(f"{fmt_bytes(vb)} / {fmt_bytes(db)}{at}", vb)
+
+
+def _budget_cell(variant: dict, base: dict) -> Cell:
+    v, d = budget_cell(variant), budget_cell(base)
+    if v.text == d.text:
+        return v
+    return Cell(f"{v.text} (default: {d.text})", v.sort, "the two rows were recovered at "
+                "different budgets: the difference is not the variant's alone")
+
+
 def ablation_table(table: Table) -> Table | None:
     """The ablation table of one quality table, or None when it has no variant with a default."""
     if table.kind != "quality":
@@ -93,7 +111,7 @@ def ablation_table(table: Table) -> Table | None:
             label = spec["label"]
             rows.append([Cell(variant["method"]), Cell(base["method"]), Cell(label),
                          Cell(fmt_metric(spec, *v)), Cell(fmt_metric(spec, *d)),
-                         *_diff_cells(c)])
+                         *_diff_cells(c), _state(variant, base), _budget_cell(variant, base)])
             recs.append(variant)
     return Table("ablation", table.suite, f"Ablations: {table.title}", table.key, list(COLUMNS),
                  rows, recs, [NOTE], meta=meta)

@@ -129,7 +129,7 @@ BUDGET_STAGES = ("transfer", "lora")  # the stages a config budget names (<stage
 BUDGET_COLUMN = "recovery budget (tokens)"
 
 
-def _budget(rec: dict) -> Cell:
+def budget_cell(rec: dict) -> Cell:
     """The recovery budget of a row: the preset's name (when the budget has a plain one) and
     the tokens of each stage, as trained (record["recovery"]) or else as budgeted
     (config["recovery"]["budget"]); "trained/budget" where a stage stopped early; "-" for
@@ -296,7 +296,7 @@ def _quality_table(rows: pd.DataFrame, recs: list[dict], order: list[int]) -> Ta
                 row.append(_vs_parent(specs[name], value, ratios.at[rid, name], c))
         sb, seqlen = state_bytes_of(rec)
         row.append(Cell(fmt_bytes(sb) + (f" @{seqlen}" if sb is not None and seqlen else ""), sb))
-        row.append(_budget(rec))
+        row.append(budget_cell(rec))
         out.append(row)
         if not _ok(rec):
             failed.append(f"{rec.get('method')}: {rec.get('status')}"

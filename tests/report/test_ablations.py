@@ -78,3 +78,22 @@ def test_no_variants_no_table_and_the_leaderboard_renders_them(tmp_path):
     md = board.markdown.read_text()
     assert "### Ablations: mmlu5" in md and "| lolcats[window=0] | lolcats | acc |" in md
     assert "Ablations: mmlu5" in board.html.read_text()
+
+
+def test_state_bytes_and_budget_sit_beside_the_quality_of_each_variant():
+    """A hybrid variant keeps softmax layers (more state); a variant recovered at another
+    budget than its default says so, since the difference is then not the variant's alone."""
+    base = _outcomes(200, 120, 6)
+    hybrid = with_items(record("lolcats[keep_softmax_layers=('auto:2',)]", "mmlu5", {}), "acc", base)
+    hybrid["state_bytes"] = {"seqlen": 2048, "bytes": 5_000_000}
+    short = with_items(record("lolcats[adapter=pissa]", "mmlu5", {}), "acc", base)
+    short["recovery"] = [dict(s, tokens=s["tokens"] // 2) for s in short["recovery"]]
+    recs = [with_items(record("softmax", "mmlu5", {}), "acc", base),
+            with_items(record("lolcats", "mmlu5", {}), "acc", base), hybrid, short]
+    (table,) = build_tables(recs)
+    rows = _rows(ablations.ablation_table(table))
+    h = rows[("lolcats[keep_softmax_layers=('auto:2',)]", "acc")]
+    assert h["state bytes (variant / default)"] == "4.77 MiB / 879 KiB @2048"
+    assert "default" not in h["budget"] and h["budget"].startswith("transfer 20M")
+    p = rows[("lolcats[adapter=pissa]", "acc")]
+    assert p["budget"].startswith("transfer 10M") and "(default: transfer 20M" in p["budget"]
