@@ -71,9 +71,14 @@ def announce(plan, spec, store: Store, jobs: list, echo) -> dict:
             lines.append(f"  {method_name}: recovered checkpoint cached ({ckpt}), no training")
             continue
         seqlen, parts, secs = b.seqlen_for(m), [], 0.0
+        shared = cache.transfer_dir(plan.checkpoints, spec.file_hash, job.config["method"],
+                                    job.config["recovery"], plan.ctx.dtype).exists()
         for name in ("transfer", "distill", "lora"):
             steps = b.steps(name, seqlen)
             if not steps or (name in ("transfer", "distill") and not getattr(m.config, name, None)):
+                continue
+            if name == "transfer" and shared:
+                parts.append("transfer shared (trained by an earlier recovery)")
                 continue
             parts.append(f"{name} {steps} steps")
             tokens = steps * b.batch_size * seqlen

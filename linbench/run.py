@@ -258,10 +258,12 @@ def checkpoint_dir(job: Job, spec, plan: RunPlan):
 
 def _recovered(job: Job, spec, plan: RunPlan, echo):
     from linbench.recovery import cache
+    share = cache.transfer_dir(plan.checkpoints, spec.file_hash, job.config["method"],
+                               job.config["recovery"], plan.ctx.dtype)
     return cache.recovered(job.method_obj, job.method, spec, checkpoint_dir(job, spec, plan),
                            budget=plan.budget, data=plan.data, seed=plan.ctx.seed,
                            dtype=plan.ctx.dtype, device=plan.ctx.device,
-                           progress=plan.ctx.progress, echo=echo)
+                           progress=plan.ctx.progress, echo=echo, share=share)
 
 
 def _state_bytes(method, model) -> int | None:

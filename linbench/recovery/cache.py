@@ -49,6 +49,16 @@ def checkpoint_dir(root, model_hash: str, method_config: dict, recovery: dict, d
     return base / key
 
 
+def transfer_dir(root, model_hash: str, method_config: dict, recovery: dict, dtype: str) -> Path:
+    """<root>/transfer/<hash of what stage 1 depends on>: the stage 1 that recoveries
+    differing only after it share (linbench.recovery.share)."""
+    from linbench.recovery import share
+    key = provenance.config_hash({"model": model_hash, **share.identity(method_config, recovery),
+                                  "dtype": dtype, "code": stages.code_version()})
+    base = Path(root) if root else models.cache_root() / "checkpoints"
+    return base / "transfer" / key
+
+
 def lock(ckpt: Path, echo=print):
     """The inter-process lock of one checkpoint key (filelock): a second identical run waits
     here, then finds the first one's checkpoint and reuses it."""
@@ -78,7 +88,7 @@ def cached(ckpt: Path, echo=print) -> Path | None:
 
 
 def recovered(method, label: str, spec, ckpt: Path, *, budget: str, data: str, seed: int,
-              dtype: str, device: str, progress: bool, echo=print):
+              dtype: str, device: str, progress: bool, echo=print, share: Path | None = None):
     """The linearized, recovered model and its tokenizer: from `ckpt`, or trained there.
     Holds the checkpoint key's lock throughout. A diverging recovery (train.NonFiniteLoss)
     leaves nothing cached."""
@@ -90,13 +100,14 @@ def recovered(method, label: str, spec, ckpt: Path, *, budget: str, data: str, s
             model = stages.load(final, models.torch_dtype(dtype), device)
             return model, models.load_tokenizer(spec)
         return _train(method, label, spec, ckpt, budget=budget, data=data, seed=seed,
-                      dtype=dtype, device=device, progress=progress, echo=echo)
+                      dtype=dtype, device=device, progress=progress, echo=echo, share=share)
     finally:
         if lk is not None:
             lk.release()
 
 
-def _train(method, label, spec, ckpt: Path, *, budget, data, seed, dtype, device, progress, echo):
+def _train(method, label, spec, ckpt: Path, *, budget, data, seed, dtype, device, progress, echo,
+           share=None):
     from linbench.methods import io
     from linbench.recovery.train import NonFiniteLoss
     model, tokenizer = models.load(spec, dtype, device)
@@ -107,7 +118,7 @@ def _train(method, label, spec, ckpt: Path, *, budget, data, seed, dtype, device
     echo(f"[{label}] recovering on {data} (budget {b.name}) in {ckpt}")
     try:
         model = stages.recover(method, model, data_, b, seed=seed, progress=progress,
-                               checkpoint_dir=ckpt / "work", echo=echo)
+                               checkpoint_dir=ckpt / "work", echo=echo, share=share)
     except NonFiniteLoss:
         if dist.is_writer():
             shutil.rmtree(ckpt / "work", ignore_errors=True)  # diverged: keep nothing of it

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from linbench.recovery import adapters, budget as budgets, dist
+from linbench.recovery import share as shared
 from linbench.assets import manifest
 from linbench.recovery.train import Objective, Plan, evaluate, fit
 
@@ -63,10 +64,12 @@ def stages_of(model) -> list[dict]:
 
 
 def recover(method, model, data, budget, *, seed: int = 0, progress: bool = False,
-            checkpoint_dir=None, on_step=None, echo=None):
+            checkpoint_dir=None, on_step=None, echo=None, share=None):
     """Run the stages `method.config` names on `data` (a linbench.recovery.corpus.Corpus with a
     tokenizer) within `budget` (a Budget or its string form); return the model. The stage
-    dicts are stored in model.config.linbench["recovery"]."""
+    dicts are stored in model.config.linbench["recovery"]. `share` (with a checkpoint_dir):
+    where stage 1 of this configuration is published for recoveries that differ only after
+    it, or taken from (linbench.recovery.share)."""
     echo = echo or (lambda s: None)
     budget = budgets.parse(budget)
     cfg = method.config
@@ -91,6 +94,9 @@ def recover(method, model, data, budget, *, seed: int = 0, progress: bool = Fals
         _claim(ckpt, {"method": method.config_dict(), "budget": budget.identity(),
                       "data": corpus.identity(), "seed": seed})
     todo = [s for s in STAGES if _wanted(s, method, model, budget)]
+    share = Path(share) if share is not None and ckpt is not None else None
+    adopted = share is not None and "transfer" in todo and dist.broadcast(
+        shared.adopt(share, ckpt / "transfer", echo) if dist.is_writer() else None)
     # a finished, sound stage checkpoint carries the calibrated weights; otherwise (none, or
     # only bad ones, which are set aside and rerun) the first stage starts from the fresh model
     started = ckpt is not None and any((ckpt / s).exists() and not manifest.problem(ckpt / s)
@@ -107,21 +113,33 @@ def recover(method, model, data, budget, *, seed: int = 0, progress: bool = Fals
             why, aside = manifest.problem(done_dir), manifest.set_aside(done_dir)
             echo(f"linbench: stage checkpoint {done_dir} is bad ({why}); moved to "
                  f"{aside.name}, rerunning stage {name}")
-        if done_dir is not None and done_dir.exists():
-            model = _reload(done_dir, model)
-            stages = stages_of(model)
-            echo(f"recovery: stage {name} already finished in {done_dir}")
-            continue
         plan = Plan(steps=budget.steps(name, seqlen), batch=budget.batch_size,
                     micro=budget.micro(), eval_steps=budget.eval_steps(name, seqlen),
                     patience=budget.patience, save_every=budget.save_every, seed=seed + i,
                     device=str(next(model.parameters()).device),
                     dtype=next(model.parameters()).dtype, progress=progress,
                     on_step=on_step, state_path=ckpt / f"{name}.state.pt" if ckpt else None)
+        if done_dir is not None and done_dir.exists():
+            model = _reload(done_dir, model)
+            stages = stages_of(model)
+            echo(f"recovery: stage {name} already finished in {done_dir}")
+            if name == "transfer" and adopted:  # made ours: our config, our layer selection
+                model.config.linbench = {**model.config.linbench, "config": method.config_dict()}
+                chosen = _select(method, model, tensors()[1], plan, echo)
+                if chosen:
+                    stages[-1] = {**stages[-1], "layer_selection": chosen}
+                stages[-1] = {**stages[-1], "shared": True}
+                model.config.linbench = {**model.config.linbench, "recovery": list(stages)}
+                if dist.is_writer():
+                    _save_stage(model, done_dir)
+            continue
         echo(f"recovery: stage {name}, {plan.steps} steps of {budget.batch_size} x {seqlen} tokens")
         run = {"transfer": _transfer, "distill": _distill, "lora": _lora}[name]
         chosen = _select(method, model, tensors()[1], plan, echo) if name == "lora" else None
         model, stage = run(cfg, model, *tensors(), plan)
+        if name == "transfer" and share is not None and dist.is_writer():  # before selection
+            model.config.linbench = {**model.config.linbench, "recovery": [*stages, stage]}
+            shared.publish(model, share, _write)
         if name == "transfer":  # auto:N hybrid selection after stage 1 (before LoRA if none)
             chosen = _select(method, model, tensors()[1], plan, echo)
         if chosen:
@@ -309,13 +327,18 @@ def _lora(cfg, model, train, val, plan: Plan):
     return merged, {**_stage("lora", res, ppl(res.first_val), ppl(res.best_val)), "adapter": cfg.adapter}
 
 
-def _save_stage(model, done_dir: Path) -> None:
-    """Write the whole model (io.save_pretrained) through a temporary sibling + rename."""
+def _write(model, path: Path) -> None:
+    """The whole model (io.save_pretrained), its manifest last."""
     from linbench.methods import io
+    shutil.rmtree(path, ignore_errors=True)
+    io.save_pretrained(model, path)
+    manifest.write(path)
+
+
+def _save_stage(model, done_dir: Path) -> None:
+    """Write the whole model through a temporary sibling + rename."""
     tmp = done_dir.with_name(done_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    io.save_pretrained(model, tmp)
-    manifest.write(tmp)
+    _write(model, tmp)
     shutil.rmtree(done_dir, ignore_errors=True)
     os.replace(tmp, done_dir)
 

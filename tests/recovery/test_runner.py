@@ -185,6 +185,16 @@ def test_the_plan_without_history_uses_a_stated_rough_default(env):
     lines.clear()
     estimate.announce(_plan(env, limit=5), spec, store, jobs, lines.append)
     assert "WARNING" not in "\n".join(lines)
+    # a stage 1 another recovery published (linbench.recovery.share) costs nothing
+    from linbench.recovery import cache
+    (job,) = jobs
+    cache.transfer_dir(plan.checkpoints, spec.file_hash, job.config["method"],
+                       job.config["recovery"], "float32").mkdir(parents=True)
+    lines.clear()
+    got = estimate.announce(plan, spec, store, jobs, lines.append)
+    assert "lolcats: recovery transfer shared (trained by an earlier recovery) + lora 4 steps" in \
+        "\n".join(lines)
+    assert got["seconds"] == pytest.approx(512 / 300)
 
 
 def test_the_plan_warns_about_missing_embedded_data(env, monkeypatch):
