@@ -352,17 +352,34 @@ def quality_plot(i: int, table, colors: dict, out: Path) -> list[Plot]:
     return [Plot("quality", f"{table.suite}: {name} vs state size", path, caption, i)]
 
 
-def recovery_plots(records: list[dict], colors: dict, out: Path) -> list[Plot]:
-    """Train (solid) and validation (dashed) loss vs tokens, one panel per stage, per model."""
+def _recovery_groups(records: list[dict]) -> dict[tuple, dict[str, list]]:
+    """{(model, hash, dtype, family): {method: stages}}: family None holds every default
+    configuration; a method with --set variants (`lolcats[adapter=pissa]`) also gets a
+    family of its own, its default first, so a sweep does not bury the leaderboard's curves."""
+    from linbench.report.ablations import base_of
     runs: dict[tuple, dict[str, list]] = {}
     for r in sorted(records, key=plugin_meta.row_rank):
         stages = [s for s in r.get("recovery") or [] if s.get("curve") or s.get("val_curve")]
+        if not stages:
+            continue
         model = r.get("model") or {}
         group = (model.get("name"), (model.get("file_hash") or "")[:12], r.get("dtype"))
-        if stages:
-            runs.setdefault(group, {}).setdefault(r.get("method"), stages)
+        base = base_of(r.get("method") or "")
+        runs.setdefault((*group, base[0] if base else None), {}).setdefault(r.get("method"), stages)
+    for (*group, family), by_method in list(runs.items()):
+        default = runs.get((*group, None), {}).get(family)
+        if family is not None and default is not None:
+            runs[(*group, family)] = {family: default, **by_method}
+    return runs
+
+
+def recovery_plots(records: list[dict], colors: dict, out: Path) -> list[Plot]:
+    """Train (solid) and validation (dashed) loss vs tokens, one panel per stage, per model
+    (and one figure per method with variants, coloured within it)."""
     plots = []
-    for j, ((model, mhash, dtype), by_method) in enumerate(runs.items()):
+    for j, ((model, mhash, dtype, family), by_method) in enumerate(_recovery_groups(records).items()):
+        if family is not None:
+            colors = {m: f"C{i % 10}" for i, m in enumerate(by_method)}
         stage_names = list(dict.fromkeys(s.get("stage") for st in by_method.values() for s in st))
         fig = Figure(figsize=(5.2 * len(stage_names) + 1.8, 4.4), layout="constrained")
         axes = fig.subplots(1, len(stage_names), squeeze=False)[0]
@@ -393,7 +410,8 @@ def recovery_plots(records: list[dict], colors: dict, out: Path) -> list[Plot]:
                     Line2D([], [], color="0.3", ls="--", marker="o", ms=3)]
         labels += ["train loss", "held-out loss"]
         fig.legend(handles, labels, loc="outside right upper", fontsize=8)
-        title = f"recovery · model {model} ({mhash}) · {dtype}"
+        who = f" · {family} and its variants" if family is not None else ""
+        title = f"recovery{who} · model {model} ({mhash}) · {dtype}"
         fig.suptitle(title, fontsize=9)
         path = _save(fig, out / f"recovery-{j}.png")
         plots.append(Plot("recovery", title, path, "Training loss (solid) and held-out loss "

@@ -176,3 +176,18 @@ def test_frame_columns_carry_process_count_and_prefill_chunk():
     assert str(df["nproc"].dtype) == "Int64" and str(df["prefill_chunk"].dtype) == "Int64"
     assert df.loc[0, "nproc"] == 1 and df.loc[1, "nproc"] == 4
     assert df["prefill_chunk"].isna()[0] and df.loc[1, "prefill_chunk"] == 512
+
+
+def test_a_method_with_variants_gets_its_own_recovery_figure(tmp_path):
+    """The defaults share one figure; lolcats and its --set variants get another, so an
+    adapter sweep does not bury the leaderboard's curves (and its colours do not repeat)."""
+    from linbench.report.plots import _recovery_groups
+    recs = [record(m, "ppl", {"ppl_wiki": {"value": 20.0, "stderr": 1.0, "n": 10}})
+            for m in ("softmax", "lolcats", "gla", "lolcats[adapter=pissa]", "lolcats[adapter=eva]")]
+    groups = _recovery_groups(recs)
+    assert [list(v) for v in groups.values()] == [
+        ["gla", "lolcats"], ["lolcats", "lolcats[adapter=eva]", "lolcats[adapter=pissa]"]]
+    plots, _ = make_plots(build_tables(recs), recs, tmp_path)
+    rec = [p for p in plots if p.section == "recovery"]
+    assert [p.path.name for p in rec] == ["recovery-0.png", "recovery-1.png"]
+    assert "lolcats and its variants" in rec[1].title and "variants" not in rec[0].title
