@@ -215,7 +215,13 @@ def _error_record(job: Job, plan: RunPlan, spec, env: dict, message: str, tb: st
         state_bytes={"seqlen": STATE_SEQLEN, "bytes": None}, status="error", metrics={},
         details={}, seconds=0.0, method_role=getattr(job.method_obj, "role", "linearized"),
         suite_meta=job.suite_obj.meta() if hasattr(job.suite_obj, "meta") else {},
-        error=message, traceback=tb)
+        error=message, traceback=tb, **_budget(job, plan))
+
+
+def _budget(job: Job, plan: RunPlan) -> dict:
+    """The --budget a recovered method's record was made with, as given (`cpu`, or
+    `cpu,lora=147456`): what the report names; the budget's tokens are in its config."""
+    return {"budget": plan.budget} if "recovery" in job.config else {}
 
 
 def _run_one(job: Job, model, tokenizer, plan: RunPlan, spec, env: dict, stages) -> dict:
@@ -247,7 +253,8 @@ def _run_one(job: Job, model, tokenizer, plan: RunPlan, spec, env: dict, stages)
         state_bytes={"seqlen": STATE_SEQLEN, "bytes": _state_bytes(job.method_obj, model)},
         status=status, metrics=metrics, details=details, seconds=round(time.time() - t0, 2),
         method_role=getattr(job.method_obj, "role", "linearized"),
-        suite_meta=job.suite_obj.meta() if hasattr(job.suite_obj, "meta") else {}, **extra)
+        suite_meta=job.suite_obj.meta() if hasattr(job.suite_obj, "meta") else {}, **extra,
+        **_budget(job, plan))
 
 
 def checkpoint_dir(job: Job, spec, plan: RunPlan):

@@ -130,8 +130,9 @@ BUDGET_COLUMN = "recovery budget (tokens)"
 
 
 def budget_cell(rec: dict) -> Cell:
-    """The recovery budget of a row: the preset's name (when the budget has a plain one) and
-    the tokens of each stage, as trained (record["recovery"]) or else as budgeted
+    """The recovery budget of a row: the budget it was given when that names a preset
+    (`cpu`, `cpu,lora=147456`; record["budget"], or the command's --budget) and the tokens
+    of each stage, as trained (record["recovery"]) or else as budgeted
     (config["recovery"]["budget"]); "trained/budget" where a stage stopped early; "-" for
     a method without recovery (neither)."""
     stages = [s for s in rec.get("recovery") or [] if isinstance(s, dict)]
@@ -154,10 +155,22 @@ def budget_cell(rec: dict) -> Cell:
         total = sum(planned.values())
     if not parts:
         return Cell("-")
-    name = budget.get("name")
-    head = f"{name}: " if isinstance(name, str) and name != "custom" and re.fullmatch(
-        r"[A-Za-z][\w.-]*", name) else ""
+    name = rec.get("budget") or budget.get("name") or _flag(rec.get("command"), "--budget")
+    preset = isinstance(name, str) and re.fullmatch(r"[A-Za-z][\w.-]*", name.split(",")[0])
+    head = f"{name}: " if preset and name != "custom" else ""
     return Cell(head + " + ".join(parts), total)
+
+
+def _flag(command, flag: str) -> str | None:
+    """The value of `flag` in a record's command line (records written before the runner
+    stored the budget it was given: `--budget cpu` or `--budget=cpu`)."""
+    args = command if isinstance(command, list) else []
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            return str(args[i + 1])
+        if isinstance(arg, str) and arg.startswith(flag + "="):
+            return arg[len(flag) + 1:]
+    return None
 
 
 def _sort_rule(recs: list[dict], values: pd.DataFrame, order: list[int], parent: dict | None,

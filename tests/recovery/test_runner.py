@@ -46,6 +46,7 @@ def test_seed_is_recorded_and_keys_the_record_and_the_checkpoint(env, invoke):
     assert {a["seeds"]["suite"], b["seeds"]["suite"]} == {1, 2}
     assert a["seeds"]["recovery"] == a["seeds"]["suite"]
     assert a["config_hash"] != b["config_hash"]
+    assert a["budget"] == b["budget"] == "smoke"  # as given: the report names the preset
     assert len(list((env["tmp"] / "ckpt").glob("*/model"))) == 2  # two recoveries
     assert a["metrics"]["nll"]["value"] != b["metrics"]["nll"]["value"]
 

@@ -166,8 +166,18 @@ def test_recovery_budget_column():
                                                     "lora_tokens": 2_000_000}}})
     failed["recovery"] = []
     parent = record("softmax", "ppl", {"ppl_wiki": metric(20.0, None)})
-    (table,) = build_tables([parent, named, bare, early, failed])
+    # what the runner writes: the --budget it was given; older records: their command's
+    given = copy.deepcopy(bare)
+    given["method"], given["budget"] = "deltanet", "cpu,lora=147456"
+    flagged = copy.deepcopy(bare)
+    flagged["method"], flagged["command"] = "lightning", ["linbench", "run", "--budget", "quick"]
+    assigned = copy.deepcopy(bare)
+    assigned["method"], assigned["command"] = "swa", ["linbench", "run", "--budget=cpu"]
+    (table,) = build_tables([parent, named, bare, early, failed, given, flagged, assigned])
     rows = _rows(table)
+    assert rows["deltanet"][BUDGET_COLUMN] == "cpu,lora=147456: transfer 20M + lora 40M"
+    assert rows["lightning"][BUDGET_COLUMN] == "quick: transfer 20M + lora 40M"
+    assert rows["swa"][BUDGET_COLUMN] == "cpu: transfer 20M + lora 40M"
     assert BUDGET_COLUMN in table.columns and "recovery tokens" not in table.columns
     assert rows["lolcats"][BUDGET_COLUMN] == "paper: transfer 20M + lora 40M"
     assert rows["gla"][BUDGET_COLUMN] == "transfer 20M + lora 40M"  # no name: tokens only
