@@ -123,23 +123,20 @@ def recover(method, model, data, budget, *, seed: int = 0, progress: bool = Fals
             model = _reload(done_dir, model)
             stages = stages_of(model)
             echo(f"recovery: stage {name} already finished in {done_dir}")
-            if name == "transfer" and adopted:  # made ours: our config, our layer selection
-                model.config.linbench = {**model.config.linbench, "config": method.config_dict()}
-                chosen = _select(method, model, tensors()[1], plan, echo)
-                if chosen:
-                    stages[-1] = {**stages[-1], "layer_selection": chosen}
-                stages[-1] = {**stages[-1], "shared": True}
-                model.config.linbench = {**model.config.linbench, "recovery": list(stages)}
-                if dist.is_writer():
-                    _save_stage(model, done_dir)
-            continue
-        echo(f"recovery: stage {name}, {plan.steps} steps of {budget.batch_size} x {seqlen} tokens")
-        run = {"transfer": _transfer, "distill": _distill, "lora": _lora}[name]
-        chosen = _select(method, model, tensors()[1], plan, echo) if name == "lora" else None
-        model, stage = run(cfg, model, *tensors(), plan)
-        if name == "transfer" and share is not None and dist.is_writer():  # before selection
-            model.config.linbench = {**model.config.linbench, "recovery": [*stages, stage]}
-            shared.publish(model, share, _write)
+            if not (name == "transfer" and adopted):
+                continue
+            # a shared stage 1 becomes ours: our config, then the path of a trained one
+            # (our layer selection, the record, our stage checkpoint)
+            model.config.linbench = {**model.config.linbench, "config": method.config_dict()}
+            stage = {**stages.pop(), "shared": True}
+        else:
+            echo(f"recovery: stage {name}, {plan.steps} steps of {budget.batch_size} x {seqlen} tokens")
+            run = {"transfer": _transfer, "distill": _distill, "lora": _lora}[name]
+            chosen = _select(method, model, tensors()[1], plan, echo) if name == "lora" else None
+            model, stage = run(cfg, model, *tensors(), plan)
+            if name == "transfer" and share is not None and dist.is_writer():  # before selection
+                model.config.linbench = {**model.config.linbench, "recovery": [*stages, stage]}
+                shared.publish(model, share, _write)
         if name == "transfer":  # auto:N hybrid selection after stage 1 (before LoRA if none)
             chosen = _select(method, model, tensors()[1], plan, echo)
         if chosen:
