@@ -155,7 +155,7 @@ def budget_cell(rec: dict) -> Cell:
         total = sum(planned.values())
     if not parts:
         return Cell("-")
-    name = rec.get("budget") or budget.get("name") or _flag(rec.get("command"), "--budget")
+    name = rec.get("budget") or _flag(rec.get("command"), "--budget")
     preset = isinstance(name, str) and re.fullmatch(r"[A-Za-z][\w.-]*", name.split(",")[0])
     head = f"{name}: " if preset and name != "custom" else ""
     return Cell(head + " + ".join(parts), total)

@@ -20,6 +20,7 @@ from matplotlib.transforms import Bbox
 
 from linbench.report import meta as plugin_meta
 from linbench.report import stats
+from linbench.report.ablations import base_of
 from linbench.report.cells import num, state_bytes_of
 from linbench.units import fmt_bytes
 from linbench.report.heatmaps import heatmap
@@ -356,7 +357,6 @@ def _recovery_groups(records: list[dict]) -> dict[tuple, dict[str, list]]:
     """{(model, hash, dtype, family): {method: stages}}: family None holds every default
     configuration; a method with --set variants (`lolcats[adapter=pissa]`) also gets a
     family of its own, its default first, so a sweep does not bury the leaderboard's curves."""
-    from linbench.report.ablations import base_of
     runs: dict[tuple, dict[str, list]] = {}
     for r in sorted(records, key=plugin_meta.row_rank):
         stages = [s for s in r.get("recovery") or [] if s.get("curve") or s.get("val_curve")]

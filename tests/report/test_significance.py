@@ -151,8 +151,8 @@ def test_a_derived_primary_metric_is_judged_at_chance_from_its_components():
 # ---------------------------------------------------------------- recovery budget
 
 def test_recovery_budget_column():
-    named = record("lolcats", "ppl", {"ppl_wiki": metric(30.0, None)},
-                   config={"recovery": {"budget": {"name": "paper", "transfer_tokens": 20_000_000,
+    named = record("lolcats", "ppl", {"ppl_wiki": metric(30.0, None)}, budget="paper",
+                   config={"recovery": {"budget": {"transfer_tokens": 20_000_000,
                                                    "lora_tokens": 40_000_000}}})
     bare = record("gla", "ppl", {"ppl_wiki": metric(40.0, None)},
                   config={"recovery": {"budget": {"transfer_tokens": 20_000_000,
@@ -161,13 +161,13 @@ def test_recovery_budget_column():
     early["method"], early["recovery"][1]["tokens"] = "liger", 10_000_000
     early["recovery"] = early["recovery"][1:]  # a lora-only method that stopped early
     failed = record("hedgehog", "ppl", {}, status="error", error="boom",
-                    config={"recovery": {"budget": {"name": "transfer=1M,lora=2M",
-                                                    "transfer_tokens": 1_000_000,
+                    budget="transfer=1M,lora=2M",
+                    config={"recovery": {"budget": {"transfer_tokens": 1_000_000,
                                                     "lora_tokens": 2_000_000}}})
     failed["recovery"] = []
     parent = record("softmax", "ppl", {"ppl_wiki": metric(20.0, None)})
     # what the runner writes: the --budget it was given; older records: their command's
-    given = copy.deepcopy(bare)
+    given = copy.deepcopy(bare)  # a preset with an override names both
     given["method"], given["budget"] = "deltanet", "cpu,lora=147456"
     flagged = copy.deepcopy(bare)
     flagged["method"], flagged["command"] = "lightning", ["linbench", "run", "--budget", "quick"]
