@@ -112,7 +112,7 @@ def _rank(spec: dict) -> dict:
     from linbench import registry
     from linbench.kernels.distributed import local_slice
     from linbench.methods.mixers import sequence_parallel
-    from linbench.speed.timing import PeakMemory, is_oom, prepared_call, quantile
+    from linbench.speed.timing import PeakMemory, prepared_call, quantile
     rank = int(os.environ.get("RANK", "0"))
     try:
         torch.set_num_threads(spec["threads"])
@@ -175,18 +175,25 @@ def _rank(spec: dict) -> dict:
                 "ms": [quantile(ms, p) for p in (0.5, 0.2, 0.8)], "slice": n,
                 "threads": torch.get_num_threads()}
     except BaseException as err:  # noqa: BLE001 - the reason goes to the parent, then exit
-        line = (str(err).splitlines() or [""])[0][:200]
-        # SignalException: the launcher stopping this rank (another rank failed first, or
-        # the run was interrupted): a consequence, recorded as such, never as the cause
-        status = ("stopped" if type(err).__name__ == "SignalException"
-                  else "oom" if is_oom(err) else "error")
-        note = {"rank": rank, "status": status,
-                "note": f"rank {rank}: {type(err).__name__}: {line}"}
+        note = _rank_note(rank, err)
         try:
             with open(os.path.join(spec["notes"], f"rank{rank}.json"), "w") as f:
                 json.dump(note, f)
         finally:
             os._exit(3)  # the launcher stops the other ranks (they may wait in a collective)
+
+
+def _rank_note(rank: int, err: BaseException) -> dict:
+    """What a failing rank tells the parent. SignalException: the launcher stopping this
+    rank (another rank failed first, or the run was interrupted): a consequence, recorded
+    as "stopped", never as the cause."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    from linbench.speed.timing import is_oom
+    line = (str(err).splitlines() or [""])[0][:200]
+    status = ("stopped" if isinstance(err, SignalException)
+              else "oom" if is_oom(err) else "error")
+    return {"rank": rank, "status": status, "note": f"rank {rank}: {type(err).__name__}: {line}"}
 
 
 def _launch(nproc: int, spec: dict) -> list[dict]:

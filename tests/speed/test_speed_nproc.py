@@ -116,6 +116,20 @@ def test_a_shape_that_fails_in_the_children_is_a_record(tmp_path):
     assert status == "oom" and not details["ran"]
 
 
+def test_a_failing_rank_names_its_reason_and_a_stopped_one_is_not_the_cause():
+    """What _rank writes for the parent (_failure reads it): the launcher's SIGTERM to a
+    healthy rank is "stopped", an out-of-memory error "oom", anything else "error"."""
+    import signal
+
+    import torch
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    stopped = parallel._rank_note(1, SignalException("Process 7 got signal: 15", sigval=signal.SIGTERM))
+    assert stopped == {"rank": 1, "status": "stopped",
+                       "note": "rank 1: SignalException: Process 7 got signal: 15"}
+    assert parallel._rank_note(0, torch.OutOfMemoryError("CUDA out of memory"))["status"] == "oom"
+    assert parallel._rank_note(0, RuntimeError("boom\nmore"))["note"] == "rank 0: RuntimeError: boom"
+
+
 @pytest.mark.parametrize("args,message", [
     (["--nproc", "0"], "--nproc"),
     (["--nproc", "2", "--mode", "prefill"], "--nproc 2 times kernel-level rows"),
