@@ -4,6 +4,7 @@ manifest.json, written last and atomically; a directory is trusted only if it ma
     write(dir)   after every other file is in place
     problem(dir) None when the directory matches its manifest, else one line saying why
     set_aside(dir) rename a bad directory to <name>.corrupt-<time> (kept for inspection)
+    lock(dir, echo, waiting) the inter-process lock beside a directory (<dir>.lock)
 """
 from __future__ import annotations
 
@@ -81,3 +82,19 @@ def set_aside(directory) -> Path:
         n += 1
     os.replace(directory, aside)
     return aside
+
+
+def lock(directory, echo, waiting: str):
+    """Acquire the inter-process file lock beside `directory` (<name>.lock, filelock); when
+    another process holds it, say `waiting` through echo once, then block until it is free.
+    Returns the held lock (release() it)."""
+    from filelock import FileLock, Timeout
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    lk = FileLock(str(directory.with_name(directory.name + ".lock")))
+    try:
+        lk.acquire(timeout=0)
+    except Timeout:
+        echo(waiting)
+        lk.acquire()
+    return lk

@@ -62,15 +62,8 @@ def transfer_dir(root, model_hash: str, method_config: dict, recovery: dict, dty
 def lock(ckpt: Path, echo=print):
     """The inter-process lock of one checkpoint key (filelock): a second identical run waits
     here, then finds the first one's checkpoint and reuses it."""
-    from filelock import FileLock, Timeout
-    ckpt.parent.mkdir(parents=True, exist_ok=True)
-    lk = FileLock(str(ckpt.with_name(ckpt.name + ".lock")))
-    try:
-        lk.acquire(timeout=0)
-    except Timeout:
-        echo(f"linbench: waiting for another linbench process using checkpoint {ckpt}")
-        lk.acquire()
-    return lk
+    return manifest.lock(ckpt, echo, f"linbench: waiting for another linbench process using "
+                                     f"checkpoint {ckpt}")
 
 
 def cached(ckpt: Path, echo=print) -> Path | None:

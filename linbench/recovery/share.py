@@ -9,7 +9,9 @@ the first recovery publishes its transferred model (before any layer selection) 
 <checkpoints>/transfer/<key>, and every later recovery with the same key copies it into
 its own checkpoint as its finished transfer stage, then goes on as if it had trained it
 (bit for bit the same weights: the training rows are a prefix of the same packed stream,
-the stage's seed is the first stage's, tests/recovery/test_share.py).
+the stage's seed is the first stage's, tests/recovery/test_share.py). A recovery that finds nothing published holds the key's
+claim (a file lock beside the published folder) until it publishes, so one started meanwhile
+with the same key waits for that stage 1 instead of training it a second time.
 """
 from __future__ import annotations
 
@@ -38,10 +40,39 @@ def identity(method_config: dict, recovery: dict) -> dict:
             "seed": recovery["seed"]}
 
 
-def adopt(share: Path, done_dir: Path, echo) -> bool:
+class Claim:
+    """The right to train one stage 1: taken when a recovery finds nothing published, held
+    until it publishes (or ends), released at once when it adopts instead."""
+
+    def __init__(self):
+        self._lock = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def take(self, share: Path, echo) -> None:
+        self._lock = manifest.lock(share, echo, f"linbench: waiting for another recovery that "
+                                                f"trains the same stage 1, to adopt it ({share})")
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+
+def adopt(share: Path, done_dir: Path, echo, claim: Claim | None = None) -> bool:
     """Copy a published stage 1 into done_dir (hard links where the filesystem allows);
-    False when done_dir exists already or nothing sound is published."""
-    if done_dir.exists() or not share.exists():
+    False when done_dir exists already or nothing sound is published. With a claim: first
+    wait while another recovery holds it (it is training this stage 1), and keep it held
+    when returning False (this recovery trains it, and releases the claim once published)."""
+    if done_dir.exists():
+        return False
+    if claim is not None:
+        claim.take(share, echo)
+    if not share.exists():
         return False
     why = manifest.problem(share)
     if why is not None:
@@ -52,6 +83,8 @@ def adopt(share: Path, done_dir: Path, echo) -> bool:
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(share, tmp, copy_function=_link_or_copy)
     os.replace(tmp, done_dir)
+    if claim is not None:
+        claim.release()
     echo(f"recovery: stage transfer taken from {share} (the same model, stage-1 config, "
          f"data, budget and seed; trained once)")
     return True

@@ -69,7 +69,15 @@ def recover(method, model, data, budget, *, seed: int = 0, progress: bool = Fals
     tokenizer) within `budget` (a Budget or its string form); return the model. The stage
     dicts are stored in model.config.linbench["recovery"]. `share` (with a checkpoint_dir):
     where stage 1 of this configuration is published for recoveries that differ only after
-    it, or taken from (linbench.recovery.share)."""
+    it, or taken from (linbench.recovery.share; its claim is held while stage 1 trains)."""
+    with shared.Claim() as claim:
+        return _recover(method, model, data, budget, seed=seed, progress=progress,
+                        checkpoint_dir=checkpoint_dir, on_step=on_step, echo=echo, share=share,
+                        claim=claim)
+
+
+def _recover(method, model, data, budget, *, seed, progress, checkpoint_dir, on_step, echo,
+             share, claim):
     echo = echo or (lambda s: None)
     budget = budgets.parse(budget)
     cfg = method.config
@@ -96,7 +104,7 @@ def recover(method, model, data, budget, *, seed: int = 0, progress: bool = Fals
     todo = [s for s in STAGES if _wanted(s, method, model, budget)]
     share = Path(share) if share is not None and ckpt is not None else None
     adopted = share is not None and "transfer" in todo and dist.broadcast(
-        shared.adopt(share, ckpt / "transfer", echo) if dist.is_writer() else None)
+        shared.adopt(share, ckpt / "transfer", echo, claim) if dist.is_writer() else None)
     # a finished, sound stage checkpoint carries the calibrated weights; otherwise (none, or
     # only bad ones, which are set aside and rerun) the first stage starts from the fresh model
     started = ckpt is not None and any((ckpt / s).exists() and not manifest.problem(ckpt / s)
@@ -137,6 +145,7 @@ def recover(method, model, data, budget, *, seed: int = 0, progress: bool = Fals
             if name == "transfer" and share is not None and dist.is_writer():  # before selection
                 model.config.linbench = {**model.config.linbench, "recovery": [*stages, stage]}
                 shared.publish(model, share, _write)
+                claim.release()
         if name == "transfer":  # auto:N hybrid selection after stage 1 (before LoRA if none)
             chosen = _select(method, model, tensors()[1], plan, echo)
         if chosen:

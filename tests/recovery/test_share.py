@@ -94,3 +94,57 @@ def test_a_bad_published_stage_1_is_set_aside_and_trained(corpus, tmp_path):
     assert any("stage transfer, " in line for line in lines)  # trained it itself
     assert not recovery.stages_of(model)[0].get("shared")
     assert hub.is_dir()  # republished by the recovery that trained it
+
+
+def _free(share_dir) -> bool:
+    from filelock import FileLock, Timeout
+    lk = FileLock(str(share_dir.with_name(share_dir.name + ".lock")))
+    try:
+        lk.acquire(timeout=0)
+    except Timeout:
+        return False
+    lk.release()
+    return True
+
+
+def test_the_claim_is_held_while_stage_1_trains_and_released_once_published(corpus, tmp_path):
+    hub = tmp_path / "transfer" / "k"
+    held: dict[str, bool] = {}
+
+    def on_step(info):  # the claim's state in each stage, as another process would see it
+        held.setdefault(info.stage, not _free(hub))
+
+    method = registry.methods.get("hedgehog")()
+    recovery.recover(method, method.linearize(tiny()), corpus, BUDGET, checkpoint_dir=tmp_path / "a",
+                     share=hub, on_step=on_step)
+    assert held == {"transfer": True, "lora": False}, held
+    assert _free(hub)  # and nothing is left held after the recovery
+
+
+def test_a_recovery_waits_for_the_stage_1_another_one_trains_and_adopts_it(corpus, tmp_path):
+    import threading
+    hub = tmp_path / "transfer" / "k"
+    hedgehog = registry.methods.get("hedgehog")
+    first = _recover(hedgehog(), corpus, tmp_path / "a", hub)
+    trained = hub.rename(tmp_path / "published-later")  # as if the first were still training it
+    claim = share.Claim()
+    claim.take(hub, print)
+    lines: list[str] = []
+    out: dict = {}
+    later = threading.Thread(target=lambda: out.setdefault(
+        "model", _recover(hedgehog(lora_r=4), corpus, tmp_path / "b", hub, lines)))
+    later.start()
+    for _ in range(600):
+        if any("waiting for another recovery" in line for line in lines):
+            break
+        later.join(0.05)
+    assert any("waiting for another recovery" in line for line in lines), lines
+    assert not any("stage transfer, " in line for line in lines)  # it did not start training
+    trained.rename(hub)  # the first one publishes and releases its claim
+    claim.release()
+    later.join(120)
+    assert not later.is_alive()
+    assert any("stage transfer taken from" in line for line in lines), lines
+    assert not any("stage transfer, " in line for line in lines), lines
+    got = recovery.stages_of(out["model"])
+    assert got[0]["shared"] and got[0]["curve"] == recovery.stages_of(first)[0]["curve"]
