@@ -192,13 +192,14 @@ def _sort_rule(recs: list[dict], values: pd.DataFrame, order: list[int], parent:
         return (1, False, v if lower else -v, tie)
 
     positions = sorted(range(len(recs)), key=key)
-    who = parent.get("method") if parent is not None else "the parent"
+    first = f"{parent.get('method')} (the parent) first, then " if parent is not None else ""
     if ranked and primary:
         label = (spec or {}).get("label") or primary
-        rule = (f"rows: {who} (the parent) first, then by {label} "
-                f"({'lower' if lower else 'higher'} is better); rows without it last")
+        rule = (f"rows: {first}by {label} ({'lower' if lower else 'higher'} is better); "
+                f"rows without it last")
     else:
-        rule = (f"rows: {who} (the parent) first, then baselines, then by method name"
+        rule = (f"rows: {first or 'baselines first, then '}"
+                f"{'baselines, then ' if first else ''}by method name"
                 + (" (not ranked: the parent is at chance)" if primary else ""))
     return positions, rule
 

@@ -76,6 +76,9 @@ def test_third_party_suite_metadata_drives_order_direction_and_derived(quiz_reco
                            "rows: teacher (the parent) first, then by Brier (lower is better); "
                            "rows without it last"]
     assert [r["method"] for r in _rows(mmlu)] == ["alpha"]
+    # no parent in the table: the order note names none
+    assert [n for n in mmlu.notes if n.startswith("rows:")] == \
+        ["rows: by acc (higher is better); rows without it last"]
     assert mmlu.columns[3:4] == ["acc"] and not any("%" in c for c in mmlu.columns)
 
 
