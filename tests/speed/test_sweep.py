@@ -219,6 +219,19 @@ def test_guard_predicts_from_smaller_lengths():
     assert g.predict(512, 1e9, None, 0) == ("timeout", "timeout at T=256 already; not run")
 
 
+def test_kernel_memory_is_not_extrapolated_below_linear():
+    # peaks of small T are mostly fixed overhead: 0.85 GB at 32K, 2.9 GB at 128K fits T^0.88,
+    # 18 GB at 1M, under 90% of 23 GB; lightning fwdbwd took 22 GB there and was killed
+    g = Guard()
+    g.observe(32768, "ok", 1.0, 846_274_560)
+    g.observe(131072, "ok", 4.4, 2_872_053_760)
+    budget = 23_103_250_432
+    assert g.predict(1 << 20, 600.0, budget, 0) is None              # model level: may be flat
+    status, why = g.predict(1 << 20, 600.0, budget, 0, mem_lo=1.0)  # kernel level
+    assert status == "oom" and "GiB" in why
+    assert g.predict(1 << 19, 600.0, budget, 0, mem_lo=1.0) is None  # 11.5 GB fits
+
+
 def test_model_level_prefill_decode_on_tiny_llama(tmp_path):
     vocab = 512
     info = {"name": "tiny-llama", "file_hash": "0" * 64, "source": "test"}
