@@ -182,7 +182,9 @@ def test_a_crashed_rank_fails_the_run_and_leaves_nothing_half_written(spawned):
     assert not list((tmp / "results").rglob("*.json"))  # no record, error or ok
     ckpt = tmp / "crash_ckpt"
     assert not list(ckpt.rglob("model")) and not list(ckpt.rglob("*.state.pt"))
-    assert not [p for p in ckpt.rglob("*") if p.name in ("transfer", "lora")]
+    share = ckpt / "transfer"  # the shared stage-1 root: only the claim's lock file, no stage
+    assert not [p for p in ckpt.rglob("*") if p.name in ("transfer", "lora") and p != share]
+    assert all(p.suffix == ".lock" for p in share.rglob("*")) if share.exists() else True
 
 
 def test_the_batch_must_split_over_the_ranks_in_one_line(invoke, tiny_model_dir, tmp_path):
