@@ -72,7 +72,7 @@ def sections(records: list[dict]) -> dict[str, str]:
 
 def method_colors(records: list[dict]) -> dict[str, str]:
     """One colour per method across every plot: the parent black, baselines grey, then the
-    other methods by name in tab10."""
+    other methods by name in tab10 without its grey (C7, which read as a baseline)."""
     rank: dict[str, int] = {}
     for r in records:
         name = r.get("method") or "?"
@@ -85,7 +85,8 @@ def method_colors(records: list[dict]) -> dict[str, str]:
             colors[n] = next(greys, "0.5")
         else:
             others.append(n)
-    return {**colors, **{n: f"C{i % 10}" for i, n in enumerate(others)}}
+    palette = [f"C{i}" for i in range(10) if i != 7]
+    return {**colors, **{n: palette[i % len(palette)] for i, n in enumerate(others)}}
 
 
 def _save(fig: Figure, path: Path) -> Path:

@@ -191,3 +191,12 @@ def test_a_method_with_variants_gets_its_own_recovery_figure(tmp_path):
     rec = [p for p in plots if p.section == "recovery"]
     assert [p.path.name for p in rec] == ["recovery-0.png", "recovery-1.png"]
     assert "lolcats and its variants" in rec[1].title and "variants" not in rec[0].title
+
+
+def test_no_linearized_method_is_drawn_in_a_baseline_grey():
+    recs = [{"method": "softmax", "method_role": "parent"}, {"method": "swa", "method_role": "baseline"}]
+    recs += [{"method": f"m{i}", "method_role": "linearized"} for i in range(9)]
+    colors = method_colors(recs)
+    linearized = [colors[f"m{i}"] for i in range(9)]
+    assert "C7" not in linearized and len(set(linearized)) == 9  # tab10's grey skipped, 9 distinct
+    assert colors["softmax"] == "black" and colors["swa"] == "0.5"
