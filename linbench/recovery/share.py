@@ -9,9 +9,10 @@ the first recovery publishes its transferred model (before any layer selection) 
 <checkpoints>/transfer/<key>, and every later recovery with the same key copies it into
 its own checkpoint as its finished transfer stage, then goes on as if it had trained it
 (bit for bit the same weights: the training rows are a prefix of the same packed stream,
-the stage's seed is the first stage's, tests/recovery/test_share.py). A recovery that finds nothing published holds the key's
-claim (a file lock beside the published folder) until it publishes, so one started meanwhile
-with the same key waits for that stage 1 instead of training it a second time.
+the stage's seed is the first stage's, tests/recovery/test_share.py). A recovery that finds
+nothing published holds the key's claim (a file lock beside the published folder) until it
+publishes, so one started meanwhile with the same key waits for that stage 1 instead of
+training it a second time.
 """
 from __future__ import annotations
 

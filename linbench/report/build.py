@@ -198,8 +198,7 @@ def _sort_rule(recs: list[dict], values: pd.DataFrame, order: list[int], parent:
         rule = (f"rows: {first}by {label} ({'lower' if lower else 'higher'} is better); "
                 f"rows without it last")
     else:
-        rule = (f"rows: {first or 'baselines first, then '}"
-                f"{'baselines, then ' if first else ''}by method name"
+        rule = (f"rows: {first}baselines{'' if first else ' first'}, then by method name"
                 + (" (not ranked: the parent is at chance)" if primary else ""))
     return positions, rule
 
