@@ -29,10 +29,8 @@ COLUMNS = ["variant", "default", "metric", "variant value", "default value", "di
            "95% CI", "p", "n", "significant", "state bytes (variant / default)", "budget"]
 NOTE = ("Each variant (a run with --set overrides) against its method's default "
         "configuration on the items both share. difference: variant - default in points for "
-        "accuracies, variant / default for perplexities. significant: at 95% (two-sided); p and "
-        "significant come from the exact test (McNemar for accuracies), the CI of an accuracy "
-        "difference is the normal (Wald) interval, as in Stata's mcc, so with few discordant "
-        "items it can exclude 0 where the exact test does not. "
+        "accuracies, variant / default for perplexities. significant: at 95% (two-sided); "
+        f"{stats.ACCURACY_CI}. "
         "state bytes: the inference state of each at the length shown. budget: the variant's "
         "recovery budget, marked where the default's differs.")
 

@@ -134,9 +134,8 @@ LEGEND = [
      "same mark on its % of parent / x parent"),
     ("41.2", "significant, or not testable (the table's notes count those cells and say "
      "why, e.g. records without per-item outcomes)"),
-    ("hover a cell", "the test: difference, 95% CI, p, number of shared items (for "
-     "accuracies the mark and p are the exact McNemar test's, the CI a normal interval, which "
-     "can exclude 0 at a few discordant items where the exact test does not)"),
+    ("hover a cell", f"the test: difference, 95% CI, p, number of shared items "
+     f"({stats.ACCURACY_CI})"),
     ("parent at chance", "the parent is within 2 stderr of the chance level: that suite "
      "cannot rank methods on this model, so its table has no % of parent and is not ranked"),
 ]

@@ -58,6 +58,10 @@ SEED = 1234
 APPROX = "\u2248"  # the mark of a non-significant cell
 AT_CHANCE_NOTE = "parent at chance: this suite cannot rank methods on this model"
 NO_ITEMS = "no per-item data"
+# what a reader of an accuracy's CI beside its mark needs to know (legend, ablation note)
+ACCURACY_CI = ("for accuracies the mark and p are the exact McNemar test's and the CI is the "
+               "normal (Wald) interval, as in Stata's mcc, so with few discordant items the CI "
+               "can exclude 0 where the exact test does not")
 _BLOCK = 4_000_000  # resampled entries materialized at once (32 MB of int64)
 
 
