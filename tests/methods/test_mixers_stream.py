@@ -57,3 +57,37 @@ def test_streamed_state_equals_one_call(monkeypatch):
     monkeypatch.setattr(mixers, "STREAM_TOKEN_HEADS", H * 16)
     o_seg, s_seg = mixer(h, None, True)
     assert _rel(o_seg, o_one) < 1e-5 and _rel(s_seg, s_one) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["hedgehog", "gla", "deltanet"])
+def test_streamed_state_gradients_equal_one_call(monkeypatch, name):
+    """Under autograd, a streamed recurrent mixer (LinearMix, GatedMix, DeltaMix) started
+    from a state that needs a gradient and asked for its final state gives one call's
+    output, final state and gradients: inputs, layer input x, parameters and initial state."""
+    torch.manual_seed(0)
+    mixer = registry.methods.get(name)().mixer(H, D, backend="torch").mixer.double()
+    for p in mixer.parameters():
+        p.data.add_(0.1 * torch.randn_like(p))
+    x = [torch.randn(B, T, H, D, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    hidden = torch.randn(B, T, H * D, dtype=torch.float64, requires_grad=True)
+    h = Heads(*x, x[0], x[1], hidden)
+    _, s_shape = mixer(Heads(*(t[:, :1] for t in (*x, x[0], x[1], hidden))), None, True)
+    s0 = (0.1 * torch.randn_like(s_shape)).requires_grad_()
+    leaves = [*x, hidden, s0] + [p for p in mixer.parameters() if p.requires_grad]
+    w_o = torch.randn(B, T, H, D, dtype=torch.float64)
+    w_s = torch.randn_like(s_shape)
+
+    def run():
+        o, s = mixer(h, s0, True)
+        loss = (o * w_o).sum() + (s * w_s).sum()
+        return o, s, torch.autograd.grad(loss, leaves, allow_unused=True)
+
+    o_one, s_one, g_one = run()
+    monkeypatch.setattr(mixers, "STREAM_TOKEN_HEADS", H * 16)  # 4 segments
+    o_seg, s_seg, g_seg = run()
+    assert _rel(o_seg, o_one) < 1e-5 and _rel(s_seg, s_one) < 1e-5, name
+    for i, (a, b) in enumerate(zip(g_seg, g_one)):
+        assert (a is None) == (b is None), (name, i)
+        if a is not None:
+            assert _rel(a, b) < 1e-4, (name, i)
+    assert g_one[4] is not None and g_one[4].abs().max() > 0  # the initial state's gradient bites
