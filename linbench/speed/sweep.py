@@ -90,6 +90,55 @@ def default_model_source(cfg: SpeedConfig) -> ModelSource:
                        lambda: models.load(spec, cfg.dtype, cfg.device)[0])
 
 
+class Marker:
+    """`<record>.running` while a shape is measured in this process; a process killed there
+    (SIGKILL: the OS out-of-memory killer, or kill -9: nothing Python can catch) leaves it
+    behind, so the next sweep records that shape as "oom" instead of running it again and
+    being killed again (a resumed sweep would otherwise never get past it). `--force`
+    measures it again."""
+
+    def __init__(self, record_path):
+        from pathlib import Path
+        self.path = Path(str(record_path) + ".running")
+
+    def dead_run(self) -> str | None:
+        """Why the shape is not run again: the note of its "oom" row, or None."""
+        import json
+        import os
+        try:
+            info = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+        pid = info.get("pid")
+        if info.get("host") == os.uname().nodename and isinstance(pid, int) and _alive(pid):
+            return None  # still running (another sweep measures it now)
+        return (f"an earlier run (pid {pid}, started {info.get('started')}) was killed "
+                f"while measuring this shape, most likely by the OS for lack of memory; not "
+                f"run again (--force runs it)")
+
+    def start(self) -> None:
+        import json
+        import os
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename,
+                                         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                  time.gmtime())}))
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    import os
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid != os.getpid()  # our own pid: a leftover of an earlier process with it
+
+
 def _warm_up(target, mode: str, T: int) -> None:
     """Pay one-time costs (imports, kernel compilation, allocator) before the first shape."""
     try:
@@ -147,8 +196,22 @@ class _Sweep:
                     _warm_up(target, mode, min(256, *cfg.seqlens))
                     warm = True
                 t0 = time.time()
-                status, metrics, details = (measure or run_shape)(
-                    target, mode, T, cfg, self.dtype, env["device"], guards[mode], cheaper)
+                if measure is None:  # --nproc rows run in child processes: nothing to mark
+                    marker = Marker(path)
+                    killed = None if cfg.force else marker.dead_run()
+                    if not killed:
+                        marker.start()
+                    try:
+                        status, metrics, details = run_shape(
+                            target, mode, T, cfg, self.dtype, env["device"], guards[mode],
+                            cheaper, killed=killed)
+                    except BaseException:  # Ctrl-C and the like: not a kill, no oom row
+                        marker.clear()
+                        raise
+                else:
+                    marker = None
+                    status, metrics, details = measure(
+                        target, mode, T, cfg, self.dtype, env["device"], guards[mode], cheaper)
                 rec = schema.build(
                     env=env, model=model_record or {"name": "kernel"}, method=name,
                     suite=SUITE, suite_version=SUITE_VERSION, config=config, config_hash=key,
@@ -159,6 +222,8 @@ class _Sweep:
                     status=status, metrics=metrics, details=details,
                     seconds=round(time.time() - t0, 3), method_role=role)
                 self.store.write(path, rec)
+                if marker is not None:
+                    marker.clear()
                 self.out.append(rec)
                 if metrics:
                     msg = f"{_ms(metrics['ms']['value'])}, " \

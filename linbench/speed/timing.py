@@ -286,10 +286,12 @@ def skipped(guard, T, cfg, budget, min_bytes, cheaper, details, level="kernel") 
     return status, {}, details
 
 
-def run_shape(target, mode, T, cfg, dtype, device_name, guard, cheaper=None):
+def run_shape(target, mode, T, cfg, dtype, device_name, guard, cheaper=None, killed=None):
     """Measure one (target, mode, T) shape -> (status, metrics, details); never raises.
 
-    Skipped without running when `guard` predicts a timeout or OOM (see linbench.speed.sweep).
+    Skipped without running when `guard` predicts a timeout or OOM (see linbench.speed.sweep),
+    or when `killed` says why an earlier process died measuring this very shape (an "oom"
+    row with that note: see linbench.speed.sweep.Marker).
     """
     device = torch.device(cfg.device)
     info = target.info
@@ -298,6 +300,10 @@ def run_shape(target, mode, T, cfg, dtype, device_name, guard, cheaper=None):
                             device_name, target.state_bytes(T), device.type == "cuda",
                             **({"layers": info["layers"]} if "layers" in info else {}))
     budget = cfg.mem_limit or available_bytes(device)
+    if killed:
+        details.update(ran=False, note=killed, mem_budget_bytes=budget)
+        guard.observe(T, "oom", None, None)
+        return "oom", {}, details
     skip = skipped(guard, T, cfg, budget, target.min_bytes(mode, T), cheaper, details,
                    target.level)
     if skip:

@@ -53,16 +53,37 @@ class FakeOOM(FakeLinear):
     oom_from = 128
 
 
+class KilledMixer(CumsumMixer):
+    """Dies at T >= 128 as the OS out-of-memory killer kills (SIGKILL: nothing runs after
+    it) when LINBENCH_TEST_KILL is set; otherwise raises if it is run there at all."""
+
+    def forward(self, q, k, v):
+        import os
+        import signal
+        if q.shape[1] >= 128:
+            if os.environ.get("LINBENCH_TEST_KILL"):
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError("the shape that killed the last run was run again")
+        return super().forward(q, k, v)
+
+
+class FakeKilled(FakeLinear):
+    def mixer(self, heads, head_dim, backend="auto"):
+        return KilledMixer()
+
+
 class NoMixer(Method):
     name = "no-mixer"
 
 
 @pytest.fixture
 def fakes():
-    for name, cls in [("fake-linear", FakeLinear), ("fake-oom", FakeOOM), ("no-mixer", NoMixer)]:
+    names = {"fake-linear": FakeLinear, "fake-oom": FakeOOM, "fake-killed": FakeKilled,
+             "no-mixer": NoMixer}
+    for name, cls in names.items():
         registry.methods.register(name, cls)
     yield
-    for name in ("fake-linear", "fake-oom", "no-mixer"):
+    for name in names:
         registry.methods.unregister(name)
 
 
@@ -205,6 +226,39 @@ def test_resume_reuses_records(capsys, tmp_path, fakes):
     _, _, err = cli(capsys, *args, "--seqlen", "512")
     assert "reusing" not in err
     assert {r["status"] for r in records(results)} == {"ok"}
+
+
+def test_a_shape_that_killed_the_process_is_an_oom_row_next_time(capsys, tmp_path, fakes):
+    """A process killed while measuring a shape (SIGKILL, as the OS out-of-memory killer
+    does) leaves its marker; the resumed sweep records that shape "oom" with a note instead
+    of running it (and being killed) again, stops the larger T, and --force runs it."""
+    import os
+    import subprocess
+    import sys
+    results = tmp_path / "r"
+    args = [*SMALL, "--methods", "fake-killed", "--mode", "fwd", "--results", str(results)]
+    code = ("import sys; from linbench import registry; from linbench.cli import main; "
+            "from tests.speed.test_sweep import FakeKilled; "
+            "registry.methods.register('fake-killed', FakeKilled); main(sys.argv[1:])")
+    env = {**os.environ, "LINBENCH_TEST_KILL": "1"}
+    proc = subprocess.run([sys.executable, "-c", code, "speed", *args], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert [r["details"]["seqlen"] for r in records(results)] == [64]  # 128 died unrecorded
+    assert len(list(results.rglob("*.running"))) == 1
+
+    code, out, err = cli(capsys, *args)
+    assert code == 0, err
+    recs = {r["details"]["seqlen"]: r for r in records(results)}
+    assert [recs[T]["status"] for T in (64, 128, 256)] == ["ok", "oom", "oom"]
+    assert "was killed while measuring this shape" in recs[128]["details"]["note"]
+    assert recs[128]["details"]["ran"] is False and "not run" in recs[256]["details"]["note"]
+    assert not list(results.rglob("*.running"))
+
+    code, _, err = cli(capsys, *args, "--force")  # measured again: this time it raises
+    recs = {r["details"]["seqlen"]: r for r in records(results)}
+    assert recs[128]["status"] == "error" and "run again" in recs[128]["details"]["note"]
+    assert not list(results.rglob("*.running"))
 
 
 def test_guard_predicts_from_smaller_lengths():
