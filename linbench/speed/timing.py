@@ -71,11 +71,19 @@ def _sync(device: torch.device):
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
 
+# A first call at least this long (and at least target_s) is the measurement itself:
+# what a warm-up pays once (allocator growth, first-touch page faults, lazy imports) is
+# well under 1% of it, and repeating a 10-minute prefill would double the sweep.
+SINGLE_CALL_S = 30.0
+
+
 def measure(run, device, cap_s, target_s, min_reps, max_reps):
     """Monotonic-clock loop: (times in seconds, "ok" | "timeout") of a zero-argument call.
 
-    The first call is the warm-up and the cap check ("timeout" if it exceeds cap_s); the
-    loop then runs about target_s seconds (min_reps..max_reps calls), stopping at the cap.
+    The first call is the warm-up and the cap check ("timeout" if it exceeds cap_s); a
+    first call of SINGLE_CALL_S or more (and at least target_s) is the one measurement;
+    otherwise the loop runs about target_s seconds (min_reps..max_reps calls), stopping at
+    the cap.
     """
     sync = _sync(torch.device(device))
 
@@ -89,6 +97,8 @@ def measure(run, device, cap_s, target_s, min_reps, max_reps):
     first = once()
     if first > cap_s:
         return [first], "timeout"
+    if first >= SINGLE_CALL_S and target_s <= first:
+        return [first], "ok"  # a long call is its own measurement (n = 1)
     if first < 0.05:  # short calls: a little more warm-up (caches, allocator, threads)
         for _ in range(min(10, int(min(0.2, target_s) / max(first, 1e-6)))):
             once()

@@ -57,6 +57,24 @@ def test_time_call_timeout_on_the_first_call(monkeypatch):
     assert status == "timeout" and reps == 1 and ms[0] == pytest.approx(2000.0)
 
 
+def test_a_long_first_call_is_the_measurement(monkeypatch):
+    """A scripted clock: a first call of 40 s (>= SINGLE_CALL_S) is measured once, n = 1;
+    one of 20 s is a warm-up followed by the loop."""
+    calls = []
+    ticks = iter([0.0, 40.0])
+    monkeypatch.setattr(timing, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks)))
+    ms, reps, status = timing.time_call(lambda: calls.append(1), "cpu", cap_s=600, target_s=0)
+    assert (status, reps, len(calls)) == ("ok", 1, 1) and ms[0] == pytest.approx(40000.0)
+    ticks = iter([0.0, 20.0, 100.0, 121.0, 200.0, 222.0, 300.0, 319.0])
+    calls.clear()
+    ms, reps, status = timing.time_call(lambda: calls.append(1), "cpu", cap_s=600, target_s=0)
+    assert (status, reps, len(calls)) == ("ok", 3, 4) and ms[0] == pytest.approx(21000.0)
+    # a --target-seconds longer than the call still gets its loop
+    ticks = iter([0.0, 40.0, 100.0, 141.0, 200.0, 242.0, 300.0, 339.0])
+    ms, reps, status = timing.time_call(lambda: None, "cpu", cap_s=600, target_s=100)
+    assert (status, reps) == ("ok", 3) and ms[0] == pytest.approx(41000.0)
+
+
 def test_prepared_call_modes():
     x = torch.randn(3, requires_grad=True)
     w = torch.nn.Parameter(torch.ones(3))
