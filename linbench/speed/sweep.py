@@ -165,7 +165,7 @@ class _Sweep:
         """Every (mode, T) of one target: reuse, predict or measure, and store each row.
         measure: run_shape's stand-in (linbench.speed.parallel.run_parallel_shape for the
         --nproc rows, which warm up in their own processes)."""
-        from linbench.speed.timing import Guard, run_shape
+        from linbench.speed.timing import Guard, probe, run_shape
         cfg, env = self.cfg, self.env
         tag = f" nproc={shape['nproc']}" if shape.get("nproc", 1) > 1 else ""
         guards = {m: Guard() for m in modes}
@@ -195,6 +195,10 @@ class _Sweep:
                 if not warm and measure is None:
                     _warm_up(target, mode, min(256, *cfg.seqlens))
                     warm = True
+                    probed = probe(target, mode, T, guards[mode], cfg.device)
+                    if probed:
+                        self.echo(f"[speed] {name}{tag} {mode}: probed {', '.join(probed)} "
+                                  f"(not recorded) to predict T={fmt_len(T)} and up")
                 t0 = time.time()
                 if measure is None:  # --nproc rows run in child processes: nothing to mark
                     marker = Marker(path)

@@ -267,6 +267,41 @@ class Guard:
         return None
 
 
+# Lengths of the unrecorded probe calls that seed a guard with nothing to predict from.
+PROBE_LENGTHS = (4096, 8192)
+
+
+def probe(target, mode, T_first, guard, device) -> list[str]:
+    """Seed `guard` when a sweep starts high (its first length to run is above 2x the
+    largest probe length and no smaller length was measured or reused): one untimed-loop
+    call at each of PROBE_LENGTHS, observed as points (time and peak), so the first real
+    shape can already be predicted to time out or run out of memory (a lone
+    `--seqlen 2M` of softmax would otherwise run for hours). Returns what was probed, as
+    text; a probe that fails is skipped (the real shape records its own failure)."""
+    if T_first <= 2 * max(PROBE_LENGTHS) or any(t < T_first for t, _, _ in guard.points):
+        return []
+    done = []
+    for Tp in PROBE_LENGTHS:
+        try:
+            with PeakMemory(device) as mem:
+                torch.manual_seed(0)
+                run, _ = target.prepare(mode, Tp)
+                sync = _sync(torch.device(device))
+                sync()
+                t0 = time.perf_counter()
+                run()
+                sync()
+                seconds = time.perf_counter() - t0
+                run = None
+        except Exception:  # noqa: BLE001
+            gc.collect()
+            continue
+        gc.collect()
+        guard.observe(Tp, "ok", seconds, mem.bytes)
+        done.append(f"T={fmt_len(Tp)} {seconds:.3g} s")
+    return done
+
+
 def shape_details(level, mode, T, batch, heads, dim, cfg, device_name, state_bytes,
                   cuda: bool, **extra) -> dict:
     """The details every speed record of one shape starts with (run_shape and

@@ -72,6 +72,18 @@ class FakeKilled(FakeLinear):
         return KilledMixer()
 
 
+class SmallOnlyMixer(CumsumMixer):
+    def forward(self, q, k, v):
+        if q.shape[1] > 128:
+            raise RuntimeError("a shape the probes predicted to time out was run")
+        return super().forward(q, k, v)
+
+
+class FakeSmallOnly(FakeLinear):
+    def mixer(self, heads, head_dim, backend="auto"):
+        return SmallOnlyMixer()
+
+
 class NoMixer(Method):
     name = "no-mixer"
 
@@ -79,7 +91,7 @@ class NoMixer(Method):
 @pytest.fixture
 def fakes():
     names = {"fake-linear": FakeLinear, "fake-oom": FakeOOM, "fake-killed": FakeKilled,
-             "no-mixer": NoMixer}
+             "fake-small-only": FakeSmallOnly, "no-mixer": NoMixer}
     for name, cls in names.items():
         registry.methods.register(name, cls)
     yield
@@ -259,6 +271,27 @@ def test_a_shape_that_killed_the_process_is_an_oom_row_next_time(capsys, tmp_pat
     recs = {r["details"]["seqlen"]: r for r in records(results)}
     assert recs[128]["status"] == "error" and "run again" in recs[128]["details"]["note"]
     assert not list(results.rglob("*.running"))
+
+
+def test_a_sweep_that_starts_high_is_predicted_from_probes(capsys, tmp_path, fakes,
+                                                            monkeypatch):
+    """`--seqlen 4096` alone: two unrecorded probe calls at small lengths seed the guard,
+    so a shape predicted past the cap is a timeout row without running (the fake mixer
+    raises if it runs above 128); without probes the same shape runs."""
+    from linbench.speed import timing
+    monkeypatch.setattr(timing, "PROBE_LENGTHS", (64, 128))
+    args = ["--seqlen", "4096", "--heads", "2", "--dim", "16", "--methods", "fake-small-only",
+            "--mode", "fwd", "--time-cap", "0", "--results"]
+    code, out, err = cli(capsys, *args, str(tmp_path / "r"))
+    recs = records(tmp_path / "r")
+    assert code == 0 and len(recs) == 1, err
+    assert recs[0]["status"] == "timeout" and recs[0]["details"]["ran"] is False
+    assert "estimated" in recs[0]["details"]["note"]
+    assert "probed T=64" in err and "(not recorded)" in err
+    monkeypatch.setattr(timing, "PROBE_LENGTHS", (64, 4096))  # 4096 is not above 2 x 4096
+    code, _, err = cli(capsys, *args, str(tmp_path / "r2"))
+    recs = records(tmp_path / "r2")
+    assert recs[0]["status"] == "error" and "was run" in recs[0]["details"]["note"]
 
 
 def test_guard_predicts_from_smaller_lengths():
