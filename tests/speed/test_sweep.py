@@ -53,35 +53,32 @@ class FakeOOM(FakeLinear):
     oom_from = 128
 
 
-class KilledMixer(CumsumMixer):
-    """Dies at T >= 128 as the OS out-of-memory killer kills (SIGKILL: nothing runs after
-    it) when LINBENCH_TEST_KILL is set; otherwise raises if it is run there at all."""
+class TripwireMixer(CumsumMixer):
+    """Refuses lengths >= `limit`: raises, or dies as the OS out-of-memory killer kills
+    (SIGKILL, nothing runs after it) when LINBENCH_TEST_KILL is set."""
+
+    def __init__(self, limit: int, why: str):
+        super().__init__()
+        self.limit, self.why = limit, why
 
     def forward(self, q, k, v):
         import os
         import signal
-        if q.shape[1] >= 128:
+        if q.shape[1] >= self.limit:
             if os.environ.get("LINBENCH_TEST_KILL"):
                 os.kill(os.getpid(), signal.SIGKILL)
-            raise RuntimeError("the shape that killed the last run was run again")
+            raise RuntimeError(self.why)
         return super().forward(q, k, v)
 
 
 class FakeKilled(FakeLinear):
     def mixer(self, heads, head_dim, backend="auto"):
-        return KilledMixer()
-
-
-class SmallOnlyMixer(CumsumMixer):
-    def forward(self, q, k, v):
-        if q.shape[1] > 128:
-            raise RuntimeError("a shape the probes predicted to time out was run")
-        return super().forward(q, k, v)
+        return TripwireMixer(128, "the shape that killed the last run was run again")
 
 
 class FakeSmallOnly(FakeLinear):
     def mixer(self, heads, head_dim, backend="auto"):
-        return SmallOnlyMixer()
+        return TripwireMixer(129, "a shape the probes predicted to time out was run")
 
 
 class NoMixer(Method):
