@@ -38,7 +38,10 @@ class Liger(LinearMethod):
         fm = make_feature_map("softmax_head", heads, head_dim)
         gla = GatedMix(fm, fm, KeyGate(c.gate_tau, form=c.gate), pre_rope=True, backend=c.backend)
         swa = WindowSoftmax(c.window, backend=c.backend)
-        return MixSum([(c.linear_weight, gla), (1 - c.linear_weight, swa)])
+        # a branch of weight 0 (linear_weight 1.0: no SWA, the paper's ablation; 0.0: SWA
+        # only) is not built: it would cost time and a decode state and add exactly 0
+        return MixSum([(w, m) for w, m in ((c.linear_weight, gla), (1 - c.linear_weight, swa))
+                       if w != 0])
 
     def window(self) -> int:
         return self.config.window

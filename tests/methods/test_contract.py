@@ -434,3 +434,22 @@ def test_hedgehog_distillation_weights_are_the_normalized_linear_attention():
     a = torch.einsum("bihf,bjhf->bhij", fq, fk) * _causal(40)
     with torch.no_grad():
         torch.testing.assert_close(attn.mixer.weights(h, 10, 30), (a / a.sum(-1, keepdim=True))[:, :, 10:30])
+
+
+@pytest.mark.parametrize("weight, kinds", [(1.0, ["GatedMix"]), (0.0, ["WindowSoftmax"]),
+                                           (0.5, ["GatedMix", "WindowSoftmax"])])
+def test_liger_builds_no_branch_of_weight_zero(weight, kinds):
+    """liger[linear_weight=1.0] (no SWA) has no window branch: no window time, no window
+    state, the same output as both branches with the window's weight 0."""
+    from linbench.methods.mixers import MixSum
+    mix = registry.methods.get("liger")(linear_weight=weight).mixer(2, 8, backend="torch").mixer
+    assert [type(m).__name__ for m in mix.parts] == kinds
+    assert (mix.window > 0) == ("WindowSoftmax" in kinds)
+    if weight == 1.0:
+        both = MixSum([(1.0, mix.parts[0]), (0.0, registry.methods.get("liger")().mixer(
+            2, 8, backend="torch").mixer.parts[1])])
+        torch.manual_seed(0)
+        x = [torch.randn(1, 20, 2, 8) for _ in range(3)]
+        h = Heads(*x, x[0], x[1], x[0].reshape(1, 20, 16))
+        torch.testing.assert_close(mix(h, None, False)[0], both(h, None, False)[0])
+        assert mix.state_bytes(2, 8, 1024, 4) < both.state_bytes(2, 8, 1024, 4)
