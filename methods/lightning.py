@@ -2,7 +2,8 @@
 
 Linear attention with a fixed per-head exponential decay and no normalizer,
 S_t = lambda_h S_{t-1} + k_t v_t^T, o_t = S_t^T q_t, lambda_h = exp(-s_h); q, k through
-SiLU; a new per-head RMSNorm before o_proj; an output gate as an option (the pretrained
+a new learnable Hedgehog map (linbench's default, measured better after recovery;
+`feature_map=silu` is TransNormerLLM's); a new per-head RMSNorm before o_proj; an output gate as an option (the pretrained
 model has no gate weights). Slopes: ALiBi's s_h = 2^(-8(h+1)/H) in every layer (the
 Lightning reference, default) or fla's layer-dependent (8/H)(1 - l/L) h.
 """
@@ -33,7 +34,7 @@ def slopes(rule: str, heads: int, layer: int, layers: int) -> torch.Tensor:
 class LightningConfig(LinearConfig):
     slope_rule: str = "alibi"
     gate: bool = False               # TransNormerLLM's output gate (new, 1 at start)
-    feature_map: str = "silu"        # on q and k (TransNormerLLM: silu)
+    feature_map: str = "hedgehog"    # on q and k (TransNormerLLM: silu; methods/README.md)
 
 
 class Lightning(OptionalOutputGate, LinearMethod):
