@@ -233,10 +233,11 @@ def test_gradient_clipping_is_applied(corpus):
     *[(n, torch.float32) for n in ("hedgehog", "lolcats", "liger", "gla", "deltanet", "lightning")],
     ("gla", torch.bfloat16)], ids=lambda x: str(x).replace("torch.", ""))
 def test_every_recovering_method_runs_its_stages(name, dtype, corpus):
-    # gla's default learnable Hedgehog maps (methods/README.md, "Feature maps after
-    # recovery") do not lower this random tiny model's held-out transfer loss in the smoke
-    # budget's 4 steps at lr 1e-2; the stage machinery is tested on the paper's map
-    method = registry.methods.get(name)(**({"feature_map": "identity"} if name == "gla" else {}))
+    # gla's and lightning's default learnable Hedgehog maps (methods/README.md, "Feature
+    # maps after recovery") do not lower this random tiny model's held-out transfer loss in
+    # the smoke budget's 4 steps at lr 1e-2; the stage machinery is tested on the papers' maps
+    paper_map = {"gla": {"feature_map": "identity"}, "lightning": {"feature_map": "silu"}}
+    method = registry.methods.get(name)(**paper_map.get(name, {}))
     model = method.linearize(make_tiny_llama(vocab_size=256).to(dtype))
     assert method.needs_recovery()
     model = recovery.recover(method, model, corpus, "smoke")
