@@ -237,31 +237,70 @@ class _Sweep:
                 self.echo(f"[speed] {name}{tag} {mode} T={fmt_len(T)}: {status} {msg}")
 
 
+def _shape_key(method, level, mode, dtype, device) -> tuple:
+    return (method, level, mode, dtype, device)
+
+
+def estimate_seconds(history: list[dict], shapes: list[tuple], cap_s: float,
+                     default_s: float = 5.0) -> tuple[float, str]:
+    """(seconds, basis) for `shapes`, each (method, level, mode, dtype, device, T), from
+    earlier ok speed records: a record of the same method, level, mode, dtype and device
+    at that T gives its own seconds; at another T its seconds are extrapolated as a power
+    of T through the nearest two (exponent 1 to 2: linbench.speed.timing's guard); a shape
+    with no such record gets the median of all records (or `default_s` without any). Each
+    shape counts at most the time cap."""
+    import statistics
+
+    from linbench.speed.timing import _extrapolate
+    points: dict[tuple, list[tuple[int, float]]] = {}
+    for r in history:
+        c = r.get("config") or {}
+        key = _shape_key(r.get("method"), c.get("level"), c.get("mode"), c.get("dtype"),
+                         r.get("device"))
+        points.setdefault(key, []).append((c.get("seqlen"), r["seconds"]))
+    median = statistics.median(r["seconds"] for r in history) if history else default_s
+    total, matched = 0.0, 0
+    for *key, T in shapes:
+        pts = [p for p in points.get(tuple(key), []) if isinstance(p[0], int)]
+        exact = [sec for t, sec in pts if t == T]
+        if exact:
+            est = statistics.median(exact)
+        elif pts:
+            below = [p for p in pts if p[0] < T]
+            est = _extrapolate(below or pts, T)
+        else:
+            est = None
+        matched += est is not None
+        total += min(cap_s, est if est is not None else median)
+    basis = (f"{matched} of {len(shapes)} shapes from earlier records of the same method "
+             f"and mode on this device, the rest at the median of {len(history)} records"
+             if history else f"rough default: 3 timed loops + 1 s per shape, no earlier records")
+    return total, basis
+
+
 def _announce(cfg: SpeedConfig, run, kernel_modes, model_modes, peers, echo,
               n_parallel: int = 0) -> dict:
-    """Print the number of shapes and a time estimate before any runs (upper bound: every
-    shape at the time cap). The rate is the median seconds per shape of earlier speed
-    records on this device, else a rough default."""
-    import statistics
+    """Print the number of shapes and a time estimate before any runs
+    (`estimate_seconds`; upper bound: every shape at the time cap)."""
     n_model = len([n for n in cfg.methods if n not in peers])
     shapes = len(cfg.seqlens) * ((len(cfg.methods) + n_parallel) * len(kernel_modes)
                                  + n_model * len(model_modes))
     history = [r for r in run.store.scan()[0] if r.get("suite") == SUITE
                and r.get("device") == run.env["device"] and r.get("status") == "ok"
                and isinstance(r.get("seconds"), (int, float))]
-    if history:
-        per, basis = statistics.median(r["seconds"] for r in history), \
-            f"median of {len(history)} earlier speed records on this device"
-    else:
-        per, basis = 3 * cfg.target_s + 1, "rough default: 3 timed loops + 1 s per shape"
-    est = shapes * per
+    each = [(m, "kernel", mode, cfg.dtype, run.env["device"], T) for m in cfg.methods
+            for mode in kernel_modes for T in cfg.seqlens]
+    each += [(m, "model", mode, cfg.dtype, run.env["device"], T) for m in cfg.methods
+             if m not in peers for mode in model_modes for T in cfg.seqlens]
+    est, basis = estimate_seconds(history, each, cfg.time_cap, 3 * cfg.target_s + 1)
+    est += n_parallel * len(kernel_modes) * len(cfg.seqlens) * (3 * cfg.target_s + 5)
     fmt = lambda s: f"{s:.0f} s" if s < 90 else (f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h")  # noqa: E731
     par = f" + {n_parallel} x {len(kernel_modes)} over {cfg.nproc} processes" if n_parallel else ""
     echo(f"[speed] plan: {shapes} shapes ({len(cfg.methods)} methods x {len(kernel_modes)} kernel "
          f"modes{par} + {n_model} x {len(model_modes)} model modes, x {len(cfg.seqlens)} lengths "
-         f"{fmt_len(cfg.seqlens[0])}..{fmt_len(cfg.seqlens[-1])}); estimate ~{fmt(est)} ({basis}), "
-         f"at most {fmt(shapes * cfg.time_cap)} at --time-cap {cfg.time_cap:g} s per shape; "
-         f"finished shapes are reused")
+         f"{fmt_len(cfg.seqlens[0])}..{fmt_len(cfg.seqlens[-1])}); estimate ~{fmt(est)} ({basis}; "
+         f"finished shapes are reused, so a resumed sweep takes less), at most "
+         f"{fmt(shapes * cfg.time_cap)} at --time-cap {cfg.time_cap:g} s per shape")
     return {"shapes": shapes, "seconds": est}
 
 

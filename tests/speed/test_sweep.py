@@ -382,3 +382,23 @@ def test_speed_help_imports_no_torch():
             "print('HEAVY', [m for m in sys.modules if m.split('.')[0] in ('torch', 'triton')])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "HEAVY []" in out.stdout and "--seqlen" in out.stdout
+
+
+def test_the_sweep_estimate_reads_the_same_shape_or_extrapolates_it():
+    """Earlier records of the same method, level, mode, dtype and device: the same length
+    gives its seconds, a longer one the power-law extrapolation through the nearest two
+    (a softmax-like 4x per doubling is T^2), other shapes the median; each capped."""
+    from linbench.speed.sweep import estimate_seconds
+
+    def rec(method, T, seconds, mode="fwd"):
+        return {"method": method, "device": "cpu", "seconds": seconds,
+                "config": {"level": "kernel", "mode": mode, "dtype": "float32", "seqlen": T}}
+    history = [rec("a", 1024, 1.0), rec("a", 2048, 4.0), rec("b", 1024, 10.0)]
+    shape = lambda m, T, mode="fwd": (m, "kernel", mode, "float32", "cpu", T)  # noqa: E731
+    assert estimate_seconds(history, [shape("a", 2048)], 1e9)[0] == pytest.approx(4.0)
+    assert estimate_seconds(history, [shape("a", 8192)], 1e9)[0] == pytest.approx(64.0)
+    assert estimate_seconds(history, [shape("b", 4096)], 1e9)[0] == pytest.approx(40.0)
+    total, basis = estimate_seconds(history, [shape("a", 8192), shape("c", 1024)], 1e9)
+    assert total == pytest.approx(64.0 + 4.0) and "1 of 2 shapes" in basis  # median 4.0
+    assert estimate_seconds(history, [shape("a", 1 << 21)], 600)[0] == 600  # capped
+    assert "rough default" in estimate_seconds([], [shape("a", 1024)], 600, 7.0)[1]
