@@ -245,7 +245,10 @@ def test_a_shape_that_killed_the_process_is_an_oom_row_next_time(capsys, tmp_pat
     import subprocess
     import sys
     results = tmp_path / "r"
-    args = [*SMALL, "--methods", "fake-killed", "--mode", "fwd", "--results", str(results)]
+    # --threads: the device (with its thread count) is part of the shape's record key, and
+    # the two processes must name the same record
+    args = [*SMALL, "--methods", "fake-killed", "--mode", "fwd", "--threads", "1",
+            "--results", str(results)]
     code = ("import sys; from linbench import registry; from linbench.cli import main; "
             "from tests.speed.test_sweep import FakeKilled; "
             "registry.methods.register('fake-killed', FakeKilled); main(sys.argv[1:])")
