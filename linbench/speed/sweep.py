@@ -237,10 +237,6 @@ class _Sweep:
                 self.echo(f"[speed] {name}{tag} {mode} T={fmt_len(T)}: {status} {msg}")
 
 
-def _shape_key(method, level, mode, dtype, device) -> tuple:
-    return (method, level, mode, dtype, device)
-
-
 def estimate_seconds(history: list[dict], shapes: list[tuple], cap_s: float,
                      default_s: float = 5.0) -> tuple[float, str]:
     """(seconds, basis) for `shapes`, each (method, level, mode, dtype, device, T), from
@@ -255,8 +251,7 @@ def estimate_seconds(history: list[dict], shapes: list[tuple], cap_s: float,
     points: dict[tuple, list[tuple[int, float]]] = {}
     for r in history:
         c = r.get("config") or {}
-        key = _shape_key(r.get("method"), c.get("level"), c.get("mode"), c.get("dtype"),
-                         r.get("device"))
+        key = (r.get("method"), c.get("level"), c.get("mode"), c.get("dtype"), r.get("device"))
         points.setdefault(key, []).append((c.get("seqlen"), r["seconds"]))
     median = statistics.median(r["seconds"] for r in history) if history else default_s
     total, matched = 0.0, 0
@@ -274,7 +269,7 @@ def estimate_seconds(history: list[dict], shapes: list[tuple], cap_s: float,
         total += min(cap_s, est if est is not None else median)
     basis = (f"{matched} of {len(shapes)} shapes from earlier records of the same method "
              f"and mode on this device, the rest at the median of {len(history)} records"
-             if history else f"rough default: 3 timed loops + 1 s per shape, no earlier records")
+             if history else "rough default: 3 timed loops + 1 s per shape, no earlier records")
     return total, basis
 
 
