@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers import AttentionInterface
 
 from linbench.methods.attention import Heads, LinearizedAttention, linearized_layers
 from linbench.assets.archs import CAUSAL_LM_CLASSES as SUPPORTED
@@ -45,7 +46,37 @@ def swap_attention(model, method):
         layer.self_attn = new
     cfg.linbench = {"method": method.name, "config": method.config_dict(),
                     "window": method.window(), "softmax_layers": sorted(keep)}
+    set_attention_implementation(model)
     return model
+
+
+# The attention implementation of a model with no softmax layer left. It is registered
+# with transformers' AttentionInterface but has no mask function, so the model's forward
+# builds no attention mask (masking_utils returns None for such implementations). A
+# linearized layer ignores the mask; without this, every chunk of a long prefill would
+# build a (chunk x tokens so far) causal mask for nobody: 4 kB per token of context at
+# 4096-token chunks, the only part of a recurrent prefill's memory that grew with T.
+NO_SOFTMAX = "linbench_no_softmax"
+
+
+def _no_softmax_attention(module, *args, **kwargs):
+    raise RuntimeError(f"{type(module).__name__} asked for softmax attention in a model "
+                       f"whose attention implementation is {NO_SOFTMAX!r} (every layer linearized)")
+
+
+AttentionInterface.register(NO_SOFTMAX, _no_softmax_attention)
+
+
+def set_attention_implementation(model) -> None:
+    """NO_SOFTMAX when every decoder layer is linearized; otherwise the model's softmax
+    implementation (the one it had before linearizing: kept layers need their mask)."""
+    cfg = model.config
+    if cfg._attn_implementation != NO_SOFTMAX:
+        model._linbench_softmax_attention = cfg._attn_implementation
+    linear = all(isinstance(layer.self_attn, LinearizedAttention) for layer in decoder_layers(model))
+    want = NO_SOFTMAX if linear else getattr(model, "_linbench_softmax_attention", None) or "sdpa"
+    if cfg._attn_implementation != want:
+        cfg._attn_implementation = want
 
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -73,6 +104,7 @@ def restore_softmax(model, indices) -> None:
     for i in indices:
         if isinstance(layers[i].self_attn, LinearizedAttention):
             layers[i].self_attn = softmax_twin(layers[i].self_attn)
+    set_attention_implementation(model)
     rec = model.config.linbench
     fixed = [i for i in rec["config"]["keep_softmax_layers"] if isinstance(i, int)]
     model.config.linbench = {
@@ -120,5 +152,5 @@ def is_linearized(model) -> bool:
     return hasattr(model.config, "linbench")
 
 
-__all__ = ["swap_attention", "restore_softmax", "softmax_twin", "new_parameters", "state_bytes",
+__all__ = ["swap_attention", "restore_softmax", "set_attention_implementation", "NO_SOFTMAX", "softmax_twin", "new_parameters", "state_bytes",
            "MixerModule", "is_linearized", "SUPPORTED", "torch"]

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from linbench.methods.attention import LinearizedAttention
 from linbench.methods.base import AUTO_CRITERIA, auto_softmax
-from linbench.methods.linearize import decoder_layers, restore_softmax, softmax_twin
+from linbench.methods.linearize import (decoder_layers, restore_softmax, set_attention_implementation,
+                                        softmax_twin)
 from linbench.recovery.train import autocast
 
 
@@ -81,6 +82,7 @@ def single_layer_kl(model, val: torch.Tensor, micro: int = 1) -> dict[int, float
     try:
         for i in lin:
             blocks[i].self_attn = twins[i]
+        set_attention_implementation(model)  # the twins need the softmax implementation
         with autocast(device, dtype):
             for r in range(0, len(val), micro):
                 ids = val[r:r + micro].to(device)
@@ -93,6 +95,7 @@ def single_layer_kl(model, val: torch.Tensor, micro: int = 1) -> dict[int, float
     finally:
         for i, a in lin.items():
             blocks[i].self_attn = a
+        set_attention_implementation(model)
     return {i: s / max(tokens, 1) for i, s in sums.items()}
 
 

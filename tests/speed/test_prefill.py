@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from linbench import registry
+from linbench.methods.linearize import NO_SOFTMAX, restore_softmax
 from linbench.speed.targets import (_cache_kwarg, _cache_of, advance_cache, chunked_prefill,
                                     decode_cache, model_target)
 from linbench.speed.timing import Guard
@@ -44,6 +45,55 @@ def test_chunked_prefill_equals_one_call(name):
     # the carried state continues like the one-call state: same greedy decode logits
     torch.testing.assert_close(_greedy(model, _cache_of(chunked), chunked.logits),
                                _greedy(model, _cache_of(one), one.logits), rtol=1e-4, atol=1e-4)
+
+
+def _masks_seen(model, ids, chunk):
+    """The attention_mask each chunk of a prefill hands to the first decoder layer."""
+    seen = []
+    hook = model.model.layers[0].register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append(kwargs.get("attention_mask")), with_kwargs=True)
+    try:
+        chunked_prefill(model, ids, chunk)
+    finally:
+        hook.remove()
+    return seen
+
+
+@pytest.mark.parametrize("name", registry.methods.names())
+@torch.no_grad()
+def test_a_model_with_no_softmax_layer_builds_no_attention_mask(name):
+    """Every chunk after the first used to build a (chunk x tokens so far) causal mask that
+    no linearized layer reads: the only part of a recurrent prefill growing with T."""
+    method, model = _linearized(name)
+    ids = torch.randint(256, (1, T), generator=torch.Generator().manual_seed(0))
+    masks = _masks_seen(model, ids, CHUNK)
+    assert len(masks) == 3
+    if name == "softmax":  # the parent keeps its masks: chunks 2 and 3 see earlier keys
+        assert model.config._attn_implementation != NO_SOFTMAX
+        assert [None if m is None else tuple(m.shape[-2:]) for m in masks] == [None, (64, 128), (22, 150)]
+    else:
+        assert model.config._attn_implementation == NO_SOFTMAX
+        assert masks == [None, None, None]
+
+
+@torch.no_grad()
+def test_kept_softmax_layers_keep_their_mask_and_the_same_logits():
+    """A hybrid (softmax layer 1 kept) and a model whose layer 0 is put back afterwards
+    (restore_softmax): the softmax implementation returns with its masks, and a chunked
+    prefill still equals one call."""
+    hybrid = registry.methods.get("lolcats")(keep_softmax_layers=(1,))
+    restored = registry.methods.get("lolcats")()
+    models = [hybrid.linearize(make_tiny_llama(vocab_size=256, seed=1)).eval(),
+              restored.linearize(make_tiny_llama(vocab_size=256, seed=1)).eval()]
+    assert models[1].config._attn_implementation == NO_SOFTMAX
+    restore_softmax(models[1], [0])
+    ids = torch.randint(256, (1, T), generator=torch.Generator().manual_seed(0))
+    for model in models:
+        assert model.config._attn_implementation == "sdpa"
+        assert [m is None for m in _masks_seen(model, ids, CHUNK)] == [True, False, False]
+        one = model(ids, use_cache=True, logits_to_keep=1)
+        torch.testing.assert_close(chunked_prefill(model, ids, CHUNK).logits, one.logits,
+                                   rtol=1e-4, atol=1e-4)
 
 
 def test_chunked_prefill_rejects_a_bad_chunk():
