@@ -11,8 +11,9 @@ token-heads one after another, the state carried between them (exact: the same
 recurrence), each segment checkpointed when a gradient is needed; so feature maps, gates
 and the kernels' compute-dtype copies exist for one segment at a time. The window mixers
 stream inside their kernels (linbench.kernels.window), HybridWindow's feature maps
-applied there group by group; MixSum's weighted sum is computed segment by segment into
-one output.
+applied there group by group; MixSum runs its parts segment by segment, each with its
+state, into one output (without autograd; with it, the parts stream on their own and
+their weighted sum is computed segment by segment).
 
 Sequence parallelism (LASP-2, linbench.kernels.distributed): `sequence_parallel(module,
 group)` switches every mixer under `module` that has a sequence-parallel op (its `LASP2`:
@@ -491,14 +492,35 @@ class MixSum(nn.Module):
 
     def forward(self, h, state, want_state):
         states = state if state is not None else (None,) * len(self.parts)
+        fields = [getattr(h, f.name) for f in dataclasses.fields(h)]
+        T, seg = h.q.shape[1], _segment_len(h.q)
+        if T > seg and not _needs_grad([*fields, *states, *self.parameters()]):
+            return self._segments(h, states, want_state, seg)
         outs, new = [], []
         for m, s in zip(self.parts, states):
             oi, si = m(h, s, want_state)
             outs, new = outs + [oi], new + [si]
 
-        def weighted(*xs):  # in fp32, cast to v's dtype
-            return sum(w * x.float() for w, x in zip(self.weights_, xs)).to(h.v.dtype)
+        def weighted(*xs):
+            return self._weighted(xs, h.v.dtype)
         return _map(weighted, *outs), (tuple(new) if want_state else None)
+
+    def _weighted(self, xs, dtype):  # in fp32, cast to v's dtype
+        return sum(w * x.float() for w, x in zip(self.weights_, xs)).to(dtype)
+
+    def _segments(self, h, states, want_state, seg):
+        """A long input without autograd: the parts run segment by segment, each carrying
+        its own state, and their weighted sum is written into one output, so no part's
+        whole-sequence output exists (4 GiB each at 2M tokens, fp32, B1 H8 D64)."""
+        T, out = h.q.shape[1], None
+        for t0 in range(0, T, seg):
+            part = _part(h, t0, seg)
+            outs, states = zip(*(m(part, s, True) for m, s in zip(self.parts, states)))
+            y = self._weighted(outs, h.v.dtype)
+            if out is None:
+                out = y.new_empty(y.shape[0], T, *y.shape[2:])
+            out[:, t0:t0 + seg] = y
+        return out, (tuple(states) if want_state else None)
 
     def state_bytes(self, heads, head_dim, seqlen, elem):
         return sum(m.state_bytes(heads, head_dim, seqlen, elem) for m in self.parts)
