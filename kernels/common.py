@@ -96,3 +96,76 @@ def check_positive(**sizes) -> None:
     if bad:
         raise ValueError(f"{' and '.join(bad)} must be >= 1, got "
                          + ", ".join(f"{n}={s}" for n, s in bad.items()))
+
+
+def segmented(run, seg: int, state, inputs, params=()):
+    """run(parts, state) -> (o, state) over the time segments of `inputs`, the state carried:
+    returns the whole output (B, T, ...) in o's dtype and the final state.
+
+    inputs: (B, T, ...) tensors or None, cut into `seg`-token parts along dim 1; state: a
+    tensor or None; params: leaves `run` reads besides the inputs (a module's parameters),
+    so that their gradients come back. The segments write into one preallocated output.
+    Under autograd (`_Segments`) only the inputs and the state at each segment start are
+    kept; the backward walks the segments in reverse, recomputes each one with autograd,
+    pulls the start state's gradient into the segment before and writes each input's
+    gradient into one buffer (no per-segment full-length gradient); parameter gradients
+    accumulate. Peak: inputs, output, T / seg states and one segment's graph."""
+    return _Segments.apply(run, seg, len(inputs), state, *inputs, *params)
+
+
+def _cut(xs, t0: int, seg: int):
+    return [None if x is None else x[:, t0:t0 + seg] for x in xs]
+
+
+class _Segments(torch.autograd.Function):
+    """The recomputing segment scan of `segmented`."""
+
+    @staticmethod
+    def forward(ctx, run, seg, n_inputs, state, *tensors):
+        inputs, params = tensors[:n_inputs], tensors[n_inputs:]
+        T = next(x for x in inputs if x is not None).shape[1]
+        out, starts = None, []
+        for t0 in range(0, T, seg):
+            starts.append(state)
+            o, state = run(_cut(inputs, t0, seg), state)
+            if out is None:
+                out = o.new_empty(o.shape[0], T, *o.shape[2:])
+            out[:, t0:t0 + seg] = o
+        ctx.set_materialize_grads(False)
+        ctx.run, ctx.seg, ctx.n_inputs, ctx.params = run, seg, n_inputs, params
+        ctx.save_for_backward(*inputs, *starts)
+        return out, state
+
+    @staticmethod
+    def backward(ctx, d_out, d_state):
+        saved, n, seg, params = ctx.saved_tensors, ctx.n_inputs, ctx.seg, ctx.params
+        inputs, starts = saved[:n], saved[n:]
+        need_s0, need_in, need_p = (ctx.needs_input_grad[3], ctx.needs_input_grad[4:4 + n],
+                                    ctx.needs_input_grad[4 + n:])
+        d_in, d_p = [None] * n, [None] * len(params)
+        for idx in reversed(range(len(starts))):
+            t0 = idx * seg
+            with torch.enable_grad():
+                part = [None if x is None else x.detach().requires_grad_(nd)
+                        for x, nd in zip(_cut(inputs, t0, seg), need_in)]
+                s_in = starts[idx]
+                if s_in is not None:
+                    s_in = s_in.detach().requires_grad_(idx > 0 or need_s0)
+                o, s_out = ctx.run(part, s_in)
+                ys = [(o, None if d_out is None else d_out[:, t0:t0 + seg]), (s_out, d_state)]
+                ys = [(y, d) for y, d in ys if d is not None and y.requires_grad]
+                wrt = [t for t in [*part, s_in, *params] if t is not None and t.requires_grad]
+                got = iter(torch.autograd.grad([y for y, _ in ys], wrt, [d for _, d in ys],
+                                               allow_unused=True) if ys else [None] * len(wrt))
+            for i, t in enumerate(part):
+                if t is not None and t.requires_grad and (g := next(got)) is not None:
+                    if d_in[i] is None:
+                        d_in[i] = torch.zeros_like(inputs[i], memory_format=torch.contiguous_format)
+                    d_in[i][:, t0:t0 + seg] = g
+            d_state = next(got) if s_in is not None and s_in.requires_grad else None
+            for i, p in enumerate(params):
+                if p.requires_grad and (g := next(got)) is not None:
+                    d_p[i] = g if d_p[i] is None else d_p[i].add_(g)
+        return (None, None, None, d_state if need_s0 else None,
+                *[d if nd else None for d, nd in zip(d_in, need_in)],
+                *[d if nd else None for d, nd in zip(d_p, need_p)])

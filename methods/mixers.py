@@ -8,7 +8,8 @@ knows its exact-attention `window` (0: none) and its state size in bytes.
 Long sequences stream (methods/README.md, "Streaming (long context)"): the recurrent
 mixers (LinearMix, GatedMix, DeltaMix) run segments of about STREAM_TOKEN_HEADS
 token-heads one after another, the state carried between them (exact: the same
-recurrence), each segment checkpointed when a gradient is needed; so feature maps, gates
+recurrence), each segment recomputed in backward when a gradient is needed
+(kernels.common.segmented); so feature maps, gates
 and the kernels' compute-dtype copies exist for one segment at a time. The window mixers
 stream inside their kernels (linbench.kernels.window), HybridWindow's feature maps
 applied there group by group; MixSum runs its parts segment by segment, each with its
@@ -28,9 +29,9 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from linbench import kernels as K
+from linbench.kernels.common import segmented
 
 # Token-heads (B * H * tokens) per segment of a streamed mixer (1M = 128k tokens at B1 H8).
 STREAM_TOKEN_HEADS = 1 << 20
@@ -55,94 +56,26 @@ def _stream(run, h, state, want_state, params=()):
     """run(h, state, want_state) -> (o, state) over segments of h, the state carried; one
     call when h is one segment. `params`: the trainable parameters `run` reads.
 
-    Without autograd the segments write into one output. With it, `_Streamed` runs them
-    the same way and keeps only the fields of h, the state at each segment start and the
-    output; its backward walks the segments in reverse, recomputes each one with autograd
-    and writes the field gradients into one preallocated buffer per field (no per-segment
-    full-size gradient, no chain of slice copies)."""
+    The segments run through `kernels.common.segmented`: one output, and under autograd
+    only the fields of h and the state at each segment start are kept; the backward
+    recomputes one segment at a time and writes the field gradients into one buffer per
+    field (no per-segment full-size gradient, no chain of slice copies)."""
     params = [p for p in params if p.requires_grad]
     fields = [getattr(h, f.name) for f in dataclasses.fields(h)]
     grad = _needs_grad([*fields, state, *params])
     T, seg = h.q.shape[1], _segment_len(h.q, grad)
     if T <= seg:
         return run(h, state, want_state)
-    if grad:
-        o, state = _Streamed.apply(run, type(h), seg, len(fields), state, *fields, *params)
-        return o, (state if want_state else None)
-    out = None
-    for t0 in range(0, T, seg):
-        o, state = run(_part(h, t0, seg), state, True)
-        if out is None:
-            out = o.new_empty(o.shape[0], T, *o.shape[2:])
-        out[:, t0:t0 + seg] = o
-    return out, (state if want_state else None)
+    kind = type(h)
+    o, state = segmented(lambda parts, s: run(kind(*parts), s, True), seg, state, fields,
+                           params if grad else ())
+    return o, (state if want_state else None)
 
 
 def _part(h, t0: int, seg: int):
     """Tokens t0 .. t0 + seg of every field of h."""
     return dataclasses.replace(h, **{f.name: getattr(h, f.name)[:, t0:t0 + seg]
                                      for f in dataclasses.fields(h)})
-
-
-class _Streamed(torch.autograd.Function):
-    """A recurrent mixer over segments with a recomputing backward (see `_stream`).
-
-    Saved: the inputs (fields of h: the caller's tensors, no copies) and the state at each
-    segment start (T / seg small tensors). Backward peak: inputs, output gradient, one
-    gradient buffer per field that needs one, and one segment's graph."""
-
-    @staticmethod
-    def forward(ctx, run, kind, seg, n_fields, state, *tensors):
-        fields, params = tensors[:n_fields], tensors[n_fields:]
-        T = fields[0].shape[1]
-        h = kind(*fields)
-        out, starts = None, []
-        for t0 in range(0, T, seg):
-            starts.append(state)
-            o, state = run(_part(h, t0, seg), state, True)
-            if out is None:
-                out = o.new_empty(o.shape[0], T, *o.shape[2:])
-            out[:, t0:t0 + seg] = o
-        ctx.set_materialize_grads(False)
-        ctx.run, ctx.kind, ctx.seg, ctx.n_fields = run, kind, seg, n_fields
-        ctx.first_state = starts[0]  # None or the caller's initial state
-        ctx.params = params  # the module's own leaves: recomputed graphs reach them as they are
-        ctx.save_for_backward(*fields, *starts[1:])
-        return out, state
-
-    @staticmethod
-    def backward(ctx, do, d_state):
-        saved, n, seg, params = ctx.saved_tensors, ctx.n_fields, ctx.seg, ctx.params
-        fields, starts = saved[:n], [ctx.first_state, *saved[n:]]
-        need_f = ctx.needs_input_grad[5:5 + n]
-        need_p = ctx.needs_input_grad[5 + n:]
-        need_s0 = ctx.needs_input_grad[4]
-        d_fields = [None] * n
-        d_params = [None] * len(params)
-        for idx in reversed(range(len(starts))):
-            t0 = idx * seg
-            with torch.enable_grad():
-                part = [f[:, t0:t0 + seg].detach().requires_grad_(nd) for f, nd in zip(fields, need_f)]
-                s_in = starts[idx]
-                if s_in is not None:
-                    s_in = s_in.detach().requires_grad_(idx > 0 or need_s0)
-                o, s_out = ctx.run(ctx.kind(*part), s_in, True)
-                ys = [(o, None if do is None else do[:, t0:t0 + seg]), (s_out, d_state)]
-                ys = [(y, d) for y, d in ys if d is not None and y.requires_grad]
-                wrt = [t for t in [*part, s_in, *params] if t is not None and t.requires_grad]
-                got = iter(torch.autograd.grad([y for y, _ in ys], wrt, [d for _, d in ys],
-                                               allow_unused=True) if ys else [None] * len(wrt))
-            for i, t in enumerate(part):
-                if t.requires_grad and (g := next(got)) is not None:
-                    if d_fields[i] is None:
-                        d_fields[i] = torch.zeros_like(fields[i], memory_format=torch.contiguous_format)
-                    d_fields[i][:, t0:t0 + seg] = g
-            d_state = next(got) if s_in is not None and s_in.requires_grad else None
-            for i, p in enumerate(params):
-                if p.requires_grad and (g := next(got)) is not None:
-                    d_params[i] = g if d_params[i] is None else d_params[i].add_(g)
-        return (None, None, None, None, d_state if need_s0 else None, *d_fields,
-                *[d if nd else None for d, nd in zip(d_params, need_p)])
 
 
 def _map(fn, *xs):

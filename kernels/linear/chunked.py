@@ -18,8 +18,8 @@ per channel, which linbench.kernels.gla.chunked supplies as the `intra` of `scan
 
 Memory. The sequence is processed in segments of L tokens (L * B * H ~ `budget`
 token-heads, whole chunks: 2,048 tokens for B1 H8 at SEGMENT_TOKEN_HEADS). The forward
-keeps one state and one segment of intermediates. For training, `_ChunkScan` (a
-torch.autograd.Function) saves only its inputs and the state at each segment boundary
+keeps one state and one segment of intermediates. For training, the segment scan
+(`linbench.kernels.common.segmented`, a torch.autograd.Function) saves only its inputs and the state at each segment boundary
 (T / L states: 512 states of (H, K, V) at T = 1M for B1 H8, versus 16,384 per-chunk
 states); its backward walks the segments in reverse, recomputes each one with autograd
 and pulls the gradient of the state at the segment start into the previous segment (a
@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from linbench.kernels.common import (acc_dtype, augment_ones, check_positive, check_shapes,
-                                     default_scale, from_chunks, normalize_output, to_chunks)
+                                     default_scale, from_chunks, normalize_output, segmented,
+                                     to_chunks)
 
 # Token-heads (B * H * L) per segment. Tests shrink it to force many segments.
 SEGMENT_TOKEN_HEADS = 1 << 14
@@ -85,55 +86,6 @@ def _segment(q, k, v, g, S, scale: float, C: int, intra):
     return o.mul_(scale), S_new
 
 
-class _ChunkScan(torch.autograd.Function):
-    """Segments in order forward; reverse sweep with per-segment recompute backward."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, g, s0, scale, C, seg, intra):
-        B, T, H, _ = q.shape
-        dt = s0.dtype  # the compute dtype: each segment is cast to it, o stays in v's
-        o = v.new_empty(B, T, H, v.shape[-1])
-        S, starts = s0, []
-        for t0 in range(0, T, seg):
-            sl = slice(t0, t0 + seg)
-            starts.append(S)
-            oc, S = _segment(q[:, sl].to(dt), k[:, sl].to(dt), v[:, sl].to(dt),
-                             None if g is None else g[:, sl].to(dt), S, scale, C, intra)
-            o[:, sl] = from_chunks(oc, o[:, sl].shape[1])
-        ctx.save_for_backward(q, k, v, g, *starts)
-        ctx.cfg = (scale, C, seg, intra)
-        return o, S
-
-    @staticmethod
-    def backward(ctx, do, dS):
-        q, k, v, g, *starts = ctx.saved_tensors
-        scale, C, seg, intra = ctx.cfg
-        dt = starts[0].dtype
-        need = ctx.needs_input_grad[:5]
-        xs = (q, k, v, g)
-        grads = [torch.zeros_like(x, memory_format=torch.contiguous_format) if x is not None and nd
-                 else None for x, nd in zip(xs, need)]
-        for idx in reversed(range(len(starts))):
-            sl = slice(idx * seg, (idx + 1) * seg)
-            with torch.enable_grad():
-                part = [None if x is None else x[:, sl].detach().to(dt).requires_grad_(nd)
-                        for x, nd in zip(xs, need)]
-                s_in = starts[idx].detach().requires_grad_(idx > 0 or need[4])
-                o, s_out = _segment(*part, s_in, scale, C, intra)
-                wrt = [t for t in part + [s_in] if t is not None and t.requires_grad]
-                outs = [(t, d) for t, d in ((o, to_chunks(do[:, sl], C, dt)), (s_out, dS))
-                        if t.requires_grad]
-                ys, dys = zip(*outs)
-                got = iter(torch.autograd.grad(ys, wrt, dys, allow_unused=True))
-            for i, t in enumerate(part):
-                if t is not None and t.requires_grad:
-                    d = next(got)
-                    if d is not None:
-                        grads[i][:, sl] = d
-            dS = next(got) if s_in.requires_grad else None
-        return (*grads, dS if need[4] else None, None, None, None, None)
-
-
 def scan(q, k, v, g, initial_state, scale, C, budget=None, intra=None):
     """The chunk scan in the compute dtype (acc_dtype of q), each segment cast to it (no
     whole-sequence copy); returns (o in v's dtype, final state in the compute dtype).
@@ -151,7 +103,12 @@ def scan(q, k, v, g, initial_state, scale, C, budget=None, intra=None):
     s0 = torch.zeros(B, H, K, v.shape[-1], dtype=dt, device=q.device)
     if initial_state is not None:
         s0 = initial_state.to(dt).expand_as(s0)
-    return _ChunkScan.apply(q, k, v, g, s0, scale, C, seg, intra)
+
+    def run(parts, S):  # one segment, cast to the compute dtype; o back in v's dtype
+        qs, ks, vs, gs = (None if x is None else x.to(dt) for x in parts)
+        oc, S = _segment(qs, ks, vs, gs, S, scale, C, intra)
+        return from_chunks(oc, qs.shape[1]).to(v.dtype), S
+    return segmented(run, seg, s0, [q, k, v, g])
 
 
 def linear_attention_chunked(q, k, v, *, decay=None, normalize=False, scale=None, eps=1e-6,
