@@ -172,7 +172,7 @@ def speed_figure(table, colors: dict) -> Figure | None:
                                   color=colors.get(method)))
             labels.append(f"{method} {mode}: {status}, {_lengths_text(ts, lengths)}")
     fig.legend(handles, labels, loc="outside right upper", fontsize=8, handlelength=3.5)
-    fig.suptitle(table.title, fontsize=9)
+    fig.suptitle(table.title, fontsize=9, x=0.01, ha="left")  # clear of the legend at the right
     return fig
 
 
@@ -413,7 +413,7 @@ def recovery_plots(records: list[dict], colors: dict, out: Path) -> list[Plot]:
         fig.legend(handles, labels, loc="outside right upper", fontsize=8)
         who = f" · {family} and its variants" if family is not None else ""
         title = f"recovery{who} · model {model} ({mhash}) · {dtype}"
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle(title, fontsize=9, x=0.01, ha="left")
         path = _save(fig, out / f"recovery-{j}.png")
         plots.append(Plot("recovery", title, path, "Training loss (solid) and held-out loss "
                           "(dashed) vs tokens seen in each recovery stage.", None))
