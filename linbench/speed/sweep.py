@@ -139,6 +139,23 @@ def _alive(pid: int) -> bool:
     return pid != os.getpid()  # our own pid: a leftover of an earlier process with it
 
 
+def _seed_from_store(guard, T_first: int, load) -> None:
+    """Give `guard` the measured (ok) records of the two largest powers of two below
+    T_first (from 1K) when the sweep itself has nothing below it: earlier measurements of
+    this machine predict better than the probes, and `--force`, which re-measures the
+    sweep's own lengths, must not let 4K/8K probes predict away a shape that was measured
+    (it did: liger fwd at 1M, measured ok at 10.5 GiB, re-predicted oom at 33 GiB)."""
+    if any(t < T_first for t, _, _ in guard.points):
+        return
+    found = []
+    for t in (1 << k for k in range(10, T_first.bit_length())):
+        rec = load(t) if t < T_first else None
+        if rec and rec.get("status") == "ok":
+            found.append((t, rec["details"]))
+    for t, d in found[-2:]:
+        guard.observe(t, "ok", d.get("cost_s"), d.get("peak_mem_bytes"))
+
+
 def _warm_up(target, mode: str, T: int) -> None:
     """Pay one-time costs (imports, kernel compilation, allocator) before the first shape."""
     try:
@@ -174,14 +191,18 @@ class _Sweep:
             # a decode row no longer pays a prefill of T (speed.targets.decode_cache)
             cheaper = guards.get({"fwdbwd": "fwd"}.get(mode))
             warm = False
-            for T in cfg.seqlens:
+
+            def where(T):  # the record of length T: (config, key, path)
                 config = {"suite": {"name": SUITE, "version": SUITE_VERSION}, "level": level,
                           "mode": mode, "seqlen": T, **shape, "dtype": cfg.dtype,
                           "device": env["device"], "backend": cfg.backend,
                           "method": method_cfg, "model": model_hashed}
                 key = self.provenance.config_hash(config)
-                path = self.store.path(model_hashed["name"] if model_hashed else "kernel", name,
-                                       SUITE, key)
+                return config, key, self.store.path(
+                    model_hashed["name"] if model_hashed else "kernel", name, SUITE, key)
+
+            for T in cfg.seqlens:
+                config, key, path = where(T)
                 rec = _reusable(self.store.load(path), cfg)
                 if rec is not None:
                     d = rec["details"]
@@ -195,6 +216,7 @@ class _Sweep:
                 if not warm and measure is None:
                     _warm_up(target, mode, min(256, *cfg.seqlens))
                     warm = True
+                    _seed_from_store(guards[mode], T, lambda t: self.store.load(where(t)[2]))
                     probed = probe(target, mode, T, guards[mode], cfg.device)
                     if probed:
                         self.echo(f"[speed] {name}{tag} {mode}: probed {', '.join(probed)} "

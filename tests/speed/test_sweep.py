@@ -294,6 +294,20 @@ def test_a_sweep_that_starts_high_is_predicted_from_probes(capsys, tmp_path, fak
     assert recs[0]["status"] == "error" and "was run" in recs[0]["details"]["note"]
 
 
+def test_a_forced_high_start_predicts_from_the_records_not_the_probes(capsys, tmp_path, fakes):
+    """`--force` at a high first length with measured smaller lengths on disk: those
+    records seed the prediction and nothing is probed (probes at 4K/8K once predicted a
+    shape measured ok at 1M to run out of memory, and replaced its record)."""
+    base = ["--heads", "2", "--dim", "16", "--methods", "fake-linear", "--mode", "fwd",
+            "--target-seconds", "0.005", "--results", str(tmp_path / "r")]
+    code, _, err = cli(capsys, "--seqlen", "1k,2k", *base)
+    assert code == 0, err
+    code, _, err = cli(capsys, "--seqlen", "64k", "--force", "--time-cap", "0", *base)
+    rec = [r for r in records(tmp_path / "r") if r["details"]["seqlen"] == 65536]
+    assert code == 0 and "probed" not in err, err
+    assert rec[0]["status"] == "timeout" and rec[0]["details"]["ran"] is False
+
+
 def test_guard_predicts_from_smaller_lengths():
     g = Guard()
     g.observe(64, "ok", 1.0, 1 << 20)
