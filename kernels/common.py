@@ -109,12 +109,31 @@ def segmented(run, seg: int, state, inputs, params=()):
     kept; the backward walks the segments in reverse, recomputes each one with autograd,
     pulls the start state's gradient into the segment before and writes each input's
     gradient into one buffer (no per-segment full-length gradient); parameter gradients
-    accumulate. Peak: inputs, output, T / seg states and one segment's graph."""
-    return _Segments.apply(run, seg, len(inputs), state, *inputs, *params)
+    accumulate. Peak: inputs, output, T / seg states and one segment's graph. Without a
+    gradient to compute it is a plain loop, and `state` may then be any structure (a
+    tuple of states, say)."""
+    leaves = [t for t in (*inputs, *params, state) if torch.is_tensor(t)]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in leaves):
+        return _Segments.apply(run, seg, len(inputs), state, *inputs, *params)
+    out, state, _ = _scan(run, seg, state, inputs)
+    return out, state
 
 
 def _cut(xs, t0: int, seg: int):
     return [None if x is None else x[:, t0:t0 + seg] for x in xs]
+
+
+def _scan(run, seg: int, state, inputs):
+    """The forward of `segmented`: (output, final state, the state at each segment start)."""
+    T = next(x for x in inputs if x is not None).shape[1]
+    out, starts = None, []
+    for t0 in range(0, T, seg):
+        starts.append(state)
+        o, state = run(_cut(inputs, t0, seg), state)
+        if out is None:
+            out = o.new_empty(o.shape[0], T, *o.shape[2:])
+        out[:, t0:t0 + seg] = o
+    return out, state, starts
 
 
 class _Segments(torch.autograd.Function):
@@ -123,14 +142,7 @@ class _Segments(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run, seg, n_inputs, state, *tensors):
         inputs, params = tensors[:n_inputs], tensors[n_inputs:]
-        T = next(x for x in inputs if x is not None).shape[1]
-        out, starts = None, []
-        for t0 in range(0, T, seg):
-            starts.append(state)
-            o, state = run(_cut(inputs, t0, seg), state)
-            if out is None:
-                out = o.new_empty(o.shape[0], T, *o.shape[2:])
-            out[:, t0:t0 + seg] = o
+        out, state, starts = _scan(run, seg, state, inputs)
         ctx.set_materialize_grads(False)
         ctx.run, ctx.seg, ctx.n_inputs, ctx.params = run, seg, n_inputs, params
         ctx.save_for_backward(*inputs, *starts)

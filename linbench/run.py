@@ -68,9 +68,8 @@ def plan_jobs(plan: RunPlan, spec: models.ModelSpec, store: Store) -> list[Job]:
     from linbench.recovery import cache
     jobs = []
     for method_name in plan.methods:
-        chosen = plan.overrides.get(method_name, {})
-        method = registry.methods.get(method_name)(**chosen)
-        name = label(method_name, chosen)
+        method = configured(plan, method_name)
+        name = label(method_name, plan.overrides.get(method_name, {}))
         recovery = (cache.recovery_config(method, plan.budget, plan.data, plan.ctx.seed)
                     if method.needs_recovery() else None)
         for suite_name in plan.suites:
@@ -89,6 +88,18 @@ def plan_jobs(plan: RunPlan, spec: models.ModelSpec, store: Store) -> list[Job]:
     return jobs
 
 
+def configured(plan: RunPlan, name: str):
+    """The method `name` as this plan runs it: its defaults, then the fields the budget sets
+    for a recovering method (the `cpu` preset's LoRA lr), then the user's --set values."""
+    from linbench.recovery import budget as budgets
+    cls, chosen = registry.methods.get(name), plan.overrides.get(name, {})
+    method = cls(**chosen)
+    if not method.needs_recovery():
+        return method
+    fields = budgets.parse(plan.budget).method_fields(cls.config_cls)
+    return cls(**{**fields, **chosen}) if fields else method
+
+
 def validate(methods: list[str], suites: list[str]) -> None:
     """Fail fast (before loading anything) on unknown methods or suites."""
     for name in methods:
@@ -102,7 +113,7 @@ def preflight(plan: RunPlan) -> tuple:
     LinbenchError (one line, exit 2) before anything is written to the results."""
     validate(plan.methods, plan.suites)
     writable_dir(plan.results_dir, "--results")
-    methods = [registry.methods.get(m)(**plan.overrides.get(m, {})) for m in plan.methods]
+    methods = [configured(plan, m) for m in plan.methods]
     recovering = [m for m in methods if m.needs_recovery()]
     if recovering:
         writable_dir(plan.checkpoints or models.cache_root() / "checkpoints", "--checkpoints")

@@ -62,20 +62,13 @@ def _stream(run, h, state, want_state, params=()):
     field (no per-segment full-size gradient, no chain of slice copies)."""
     params = [p for p in params if p.requires_grad]
     fields = [getattr(h, f.name) for f in dataclasses.fields(h)]
-    grad = _needs_grad([*fields, state, *params])
-    T, seg = h.q.shape[1], _segment_len(h.q, grad)
+    T, seg = h.q.shape[1], _segment_len(h.q, _needs_grad([*fields, state, *params]))
     if T <= seg:
         return run(h, state, want_state)
     kind = type(h)
     o, state = segmented(lambda parts, s: run(kind(*parts), s, True), seg, state, fields,
-                           params if grad else ())
+                         params)
     return o, (state if want_state else None)
-
-
-def _part(h, t0: int, seg: int):
-    """Tokens t0 .. t0 + seg of every field of h."""
-    return dataclasses.replace(h, **{f.name: getattr(h, f.name)[:, t0:t0 + seg]
-                                     for f in dataclasses.fields(h)})
 
 
 def _map(fn, *xs):
@@ -84,13 +77,7 @@ def _map(fn, *xs):
     T, seg = xs[0].shape[1], _segment_len(xs[0])
     if T <= seg:
         return fn(*xs)
-    out = None
-    for t0 in range(0, T, seg):
-        y = fn(*(x[:, t0:t0 + seg] for x in xs))
-        if out is None:
-            out = y.new_empty(y.shape[0], T, *y.shape[2:])
-        out[:, t0:t0 + seg] = y
-    return out
+    return segmented(lambda parts, _: (fn(*parts), None), seg, None, list(xs))[0]
 
 
 def _steps(step, h, state):
@@ -424,36 +411,30 @@ class MixSum(nn.Module):
         self.window = max(getattr(m, "window", 0) for m in self.parts)
 
     def forward(self, h, state, want_state):
-        states = state if state is not None else (None,) * len(self.parts)
+        states = tuple(state) if state is not None else (None,) * len(self.parts)
         fields = [getattr(h, f.name) for f in dataclasses.fields(h)]
         T, seg = h.q.shape[1], _segment_len(h.q)
-        if T > seg and not _needs_grad([*fields, *states, *self.parameters()]):
-            return self._segments(h, states, want_state, seg)
-        outs, new = [], []
-        for m, s in zip(self.parts, states):
-            oi, si = m(h, s, want_state)
-            outs, new = outs + [oi], new + [si]
-
-        def weighted(*xs):
-            return self._weighted(xs, h.v.dtype)
-        return _map(weighted, *outs), (tuple(new) if want_state else None)
+        if T <= seg:
+            return self._together(h, states, want_state)
+        if not _needs_grad([*fields, *states, *self.parameters()]):
+            # A long input without autograd: the parts run segment by segment, each
+            # carrying its own state, and only their weighted sum is written out, so no
+            # part's whole-sequence output exists (4 GiB each at 2M tokens, fp32, B1 H8 D64).
+            kind = type(h)
+            out, states = segmented(lambda parts, s: self._together(kind(*parts), s), seg,
+                                    states, fields)
+            return out, (states if want_state else None)
+        outs, new = zip(*(m(h, s, want_state) for m, s in zip(self.parts, states)))
+        return (_map(lambda *xs: self._weighted(xs, h.v.dtype), *outs),
+                tuple(new) if want_state else None)
 
     def _weighted(self, xs, dtype):  # in fp32, cast to v's dtype
         return sum(w * x.float() for w, x in zip(self.weights_, xs)).to(dtype)
 
-    def _segments(self, h, states, want_state, seg):
-        """A long input without autograd: the parts run segment by segment, each carrying
-        its own state, and their weighted sum is written into one output, so no part's
-        whole-sequence output exists (4 GiB each at 2M tokens, fp32, B1 H8 D64)."""
-        T, out = h.q.shape[1], None
-        for t0 in range(0, T, seg):
-            part = _part(h, t0, seg)
-            outs, states = zip(*(m(part, s, True) for m, s in zip(self.parts, states)))
-            y = self._weighted(outs, h.v.dtype)
-            if out is None:
-                out = y.new_empty(y.shape[0], T, *y.shape[2:])
-            out[:, t0:t0 + seg] = y
-        return out, (tuple(states) if want_state else None)
+    def _together(self, h, states, want_state=True):
+        """Every part over h from its own state; (weighted sum, the parts' states)."""
+        outs, states = zip(*(m(h, s, want_state) for m, s in zip(self.parts, states)))
+        return self._weighted(outs, h.v.dtype), (tuple(states) if want_state else None)
 
     def state_bytes(self, heads, head_dim, seqlen, elem):
         return sum(m.state_bytes(heads, head_dim, seqlen, elem) for m in self.parts)

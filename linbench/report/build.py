@@ -133,8 +133,9 @@ def budget_cell(rec: dict) -> Cell:
     """The recovery budget of a row: the budget it was given when that names a preset
     (`cpu`, `cpu,lora=147456`; record["budget"], or the command's --budget) and the tokens
     of each stage, as trained (record["recovery"]) or else as budgeted
-    (config["recovery"]["budget"]); "trained/budget" where a stage stopped early; "-" for
-    a method without recovery (neither)."""
+    (config["recovery"]["budget"]); "trained/budget" where a stage stopped early; the LoRA
+    learning rate where a LoRA stage ran and the method config names it (presets set it,
+    so rows of one preset name can differ in it); "-" for a method without recovery."""
     stages = [s for s in rec.get("recovery") or [] if isinstance(s, dict)]
     budget = ((rec.get("config") or {}).get("recovery") or {}).get("budget")
     budget = budget if isinstance(budget, dict) else {}
@@ -155,6 +156,9 @@ def budget_cell(rec: dict) -> Cell:
         total = sum(planned.values())
     if not parts:
         return Cell("-")
+    lr = ((rec.get("config") or {}).get("method") or {}).get("lora_lr")
+    if isinstance(lr, (int, float)):
+        parts = [p + f" (lr {lr:g})" if p.startswith("lora ") else p for p in parts]
     name = rec.get("budget") or _flag(rec.get("command"), "--budget")
     preset = isinstance(name, str) and re.fullmatch(r"[A-Za-z][\w.-]*", name.split(",")[0])
     head = f"{name}: " if preset and name != "custom" else ""

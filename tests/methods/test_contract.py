@@ -199,7 +199,7 @@ def test_roles_are_declared():
 # linbench's defaults that differ from the paper (methods/README.md, "Feature maps"): the
 # paper forms above are tested with the paper's setting
 PAPER = {"gla": {"feature_map": "identity"}, "deltanet": {"feature_map": "silu_l2"},
-         "lightning": {"feature_map": "silu"}, "lolcats": {"affine": False}}
+         "gated_deltanet": {"feature_map": "silu_l2"}, "lightning": {"feature_map": "silu"}, "lolcats": {"affine": False}}
 
 
 @pytest.mark.parametrize("name", [m for m in LINEAR if m in FORMS])
@@ -261,7 +261,7 @@ def test_swa_is_exact_softmax_within_its_window():
         assert not torch.allclose(model(ids(100)).logits[:, -1], base(ids(100)).logits[:, -1], atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["gla", "deltanet", "lightning"])
+@pytest.mark.parametrize("name", ["gla", "deltanet", "gated_deltanet", "lightning"])
 def test_default_feature_map_is_a_learnable_hedgehog_map(name):
     from linbench.methods.features import HedgehogFeatureMap
     attn = linearized(name)[1].model.layers[0].self_attn

@@ -23,7 +23,9 @@ H, D, HIDDEN = 4, 16, 64
 
 
 def linearized(**overrides):
+    """The paper's form (q, k through SiLU + L2 norm; linbench's default map is learnable)."""
     torch.manual_seed(0)
+    overrides = {"feature_map": "silu_l2", **overrides}
     return registry.methods.get("gated_deltanet")(**overrides).linearize(
         make_tiny_llama(vocab_size=VOCAB, seed=0))
 

@@ -148,7 +148,17 @@ def test_budget_parsing():
     assert budgets.parse("cpu").identity() != budgets.parse("cpu,val=2048").identity()
 
 
-@pytest.mark.parametrize("text", ["", "fast", "transfer=x", "foo=1", "1,,2", "2Q", "smoke,batch=0"])
+def test_the_cpu_presets_set_one_lora_lr_and_paper_keeps_each_methods_own():
+    assert budgets.parse("cpu").lora_lr == budgets.parse("quick").lora_lr == 1e-3
+    assert budgets.parse("paper").lora_lr is None and budgets.parse("smoke").lora_lr is None
+    assert budgets.parse("cpu,lora_lr=2e-4").lora_lr == 2e-4
+    assert budgets.parse("cpu,lora_lr=0").lora_lr is None  # 0: each method's own
+    # the lr enters the hashes through the method configs it sets, not the budget's
+    assert budgets.parse("cpu").identity() == budgets.parse("cpu,lora_lr=0").identity()
+
+
+@pytest.mark.parametrize("text", ["", "fast", "transfer=x", "foo=1", "1,,2", "2Q", "smoke,batch=0",
+                                  "cpu,lora_lr=x", "cpu,lora_lr=-1"])
 def test_bad_budget_is_one_line(text):
     with pytest.raises(LinbenchError) as e:
         budgets.parse(text)

@@ -169,6 +169,26 @@ def _plan(env, limit=None, device="cpu"):
                           budget="smoke", data=env["data"], checkpoints=str(env["tmp"] / "ckpt"))
 
 
+def test_the_budget_sets_the_lora_lr_of_recovering_methods_and_set_wins(env):
+    from linbench import run as runner
+    from linbench.overrides import label
+    plan = _plan(env)
+    for budget, sets, want in (("cpu", {}, 1e-3), ("paper", {}, 1e-4), ("smoke", {}, 1e-4),
+                               ("cpu,lora_lr=3e-4", {}, 3e-4),
+                               ("cpu", {"lolcats": {"lora_lr": 5e-5}}, 5e-5)):
+        plan.budget, plan.overrides = budget, sets
+        assert runner.configured(plan, "lolcats").config.lora_lr == want, (budget, sets)
+    # a method without recovery keeps its config (and so its records' hashes) as it was
+    plan.budget, plan.overrides = "cpu", {}
+    assert runner.configured(plan, "swa").config == registry.methods.get("swa")().config
+    # the budget's lr is in the record's method config; the label names only --set values
+    plan.budget = "smoke,lora_lr=0.002"
+    spec, store, (job,) = runner.preflight(plan)
+    assert job.config["method"]["lora_lr"] == 0.002 and job.method == label("lolcats", {})
+    plan.budget = "smoke"
+    assert runner.preflight(plan)[2][0].key != job.key
+
+
 def test_the_plan_without_history_uses_a_stated_rough_default(env):
     from linbench import run as runner
     plan = _plan(env)

@@ -173,13 +173,17 @@ def test_recovery_budget_column():
     flagged["method"], flagged["command"] = "lightning", ["linbench", "run", "--budget", "quick"]
     assigned = copy.deepcopy(bare)
     assigned["method"], assigned["command"] = "swa", ["linbench", "run", "--budget=cpu"]
-    (table,) = build_tables([parent, named, bare, early, failed, given, flagged, assigned])
+    with_lr = copy.deepcopy(named)  # the method config's LoRA lr (presets set it)
+    with_lr["method"], with_lr["budget"] = "hedgehog_lr", "cpu"
+    with_lr["config"]["method"] = {"lora_lr": 0.001}
+    (table,) = build_tables([parent, named, bare, early, failed, given, flagged, assigned, with_lr])
     rows = _rows(table)
     assert rows["deltanet"][BUDGET_COLUMN] == "cpu,lora=147456: transfer 20M + lora 40M"
     assert rows["lightning"][BUDGET_COLUMN] == "quick: transfer 20M + lora 40M"
     assert rows["swa"][BUDGET_COLUMN] == "cpu: transfer 20M + lora 40M"
     assert BUDGET_COLUMN in table.columns and "recovery tokens" not in table.columns
     assert rows["lolcats"][BUDGET_COLUMN] == "paper: transfer 20M + lora 40M"
+    assert rows["hedgehog_lr"][BUDGET_COLUMN] == "cpu: transfer 20M + lora 40M (lr 0.001)"
     assert rows["gla"][BUDGET_COLUMN] == "transfer 20M + lora 40M"  # no name: tokens only
     assert rows["liger"][BUDGET_COLUMN] == "paper: lora 10M/40M"     # trained / budgeted
     assert rows["hedgehog"][BUDGET_COLUMN] == "transfer 1M + lora 2M"  # planned, never run
