@@ -239,6 +239,10 @@ def _parsed(parse_name: str):
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch CPU threads (default: torch's; 1 is steadier on a shared machine). "
                    "Part of the recorded device, so rows with other thread counts never mix.")
+@click.option("--same-process", is_flag=True,
+              help="Measure every method's prefill/decode rows in this process (default: a "
+                   "fresh process per method, so no method's timing depends on what ran "
+                   "before it).")
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
               help="N > 1: also time the kernel modes of the methods LASP-2 covers (lightning, "
                    "gla, hedgehog) split by sequence over N processes on this machine (gloo on "
@@ -246,7 +250,7 @@ def _parsed(parse_name: str):
                    "the one-process rows.")
 def speed(seqlens, methods, modes, batch, heads, dim, dtype, device, backend, time_cap,
           mem_limit, target_seconds, model, prefill_chunk, results_dir, force, quiet, threads,
-          nproc):
+          same_process, nproc):
     """Time every method over sequence length; one record per (method, mode, shape)."""
     from linbench import registry
     if threads:
@@ -279,7 +283,8 @@ def speed(seqlens, methods, modes, batch, heads, dim, dtype, device, backend, ti
                       heads or (32 if cuda else 8), dim or (128 if cuda else 64),
                       dtype or ("bfloat16" if cuda else "float32"), device, backend, time_cap,
                       model, results_dir, force, mem_limit and int(mem_limit * 2**30),
-                      target_seconds, prefill_chunk=prefill_chunk, nproc=nproc)
+                      target_seconds, prefill_chunk=prefill_chunk, nproc=nproc,
+                      isolate=not same_process)
     records = sweep(cfg, echo=(lambda s: None) if quiet else (lambda s: click.echo(s, err=True)))
     for table in tables(records):
         click.echo(table + "\n")

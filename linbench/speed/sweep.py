@@ -16,6 +16,9 @@ Finished records are reused (unless force), so an interrupted sweep resumes.
 adds, beside the one-process kernel rows, rows of the methods whose mixer LASP-2 covers
 measured over N processes (linbench.speed.parallel), with nproc in their shape and details.
 
+Model-level rows (prefill, decode) of each method are measured in a fresh process of
+their own (linbench.speed.isolate; `--same-process`: in this one).
+
 This module imports no torch at import time (the CLI parses --seqlen with it).
 """
 from __future__ import annotations
@@ -63,6 +66,7 @@ class SpeedConfig:
     max_reps: int = 50
     prefill_chunk: int = 4096        # model level: tokens per chunk of a prefill
     nproc: int = 1                   # > 1: also LASP-2 kernel rows over nproc processes
+    isolate: bool = True             # model level: each method in a fresh process (speed.isolate)
 
 
 def _reusable(record: dict | None, cfg: SpeedConfig) -> dict | None:
@@ -325,7 +329,7 @@ def sweep(cfg: SpeedConfig, echo=print, model: ModelSource | None = None) -> lis
     """Run (or reuse) every shape; returns the records in sweep order."""
     from linbench import registry
     from linbench.speed.peers import FLA_PEERS
-    from linbench.speed.targets import fla_target, method_kernel_target, model_target
+    from linbench.speed.targets import fla_target, method_kernel_target
     from linbench.records.store import writable_dir
     writable_dir(cfg.results_dir, "--results")  # before any shape runs
     run = _Sweep(cfg, echo)
@@ -364,16 +368,9 @@ def sweep(cfg: SpeedConfig, echo=print, model: ModelSource | None = None) -> lis
                      {**shape, "nproc": cfg.nproc}, role=registry.methods.get(name).role,
                      measure=run_parallel_shape)
 
-    if model_modes:
+    if model_modes:  # each method in a fresh process unless cfg.isolate is off
+        from linbench.speed.isolate import model_rows
         source = model or default_model_source(cfg)
-        hashed = {k: source.info.get(k) for k in ("name", "file_hash")}
         for name in [n for n in cfg.methods if n not in FLA_PEERS]:
-            method = registry.methods.get(name)()
-
-            def build(name=name, method=method):
-                return model_target(name, method, method.linearize(source.load()).eval(),
-                                    cfg.device, prefill_chunk=cfg.prefill_chunk)
-            run.rows(name, "model", {"name": name, **method.config_dict()}, model_modes, build,
-                     {"batch": 1, "prefill_chunk": cfg.prefill_chunk}, hashed, source.info,
-                     role=method.role)
+            model_rows(run, name, source, model, cfg.isolate)
     return run.out

@@ -1,6 +1,7 @@
 """`linbench speed`: parsing, records, statuses, resume, model level (no timing asserted)."""
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -336,7 +337,8 @@ def test_kernel_memory_is_not_extrapolated_below_linear():
 def test_model_level_prefill_decode_on_tiny_llama(tmp_path):
     vocab = 512
     info = {"name": "tiny-llama", "file_hash": "0" * 64, "source": "test"}
-    source = ModelSource(info, lambda: make_tiny_llama(vocab_size=vocab))
+    # each method measures in a fresh process (linbench.speed.isolate): the loader pickles
+    source = ModelSource(info, functools.partial(make_tiny_llama, vocab_size=vocab))
     cfg = SpeedConfig(seqlens=[32, 64], methods=["softmax", "gla"], modes=["prefill", "decode"],
                       results_dir=str(tmp_path / "r"), target_s=0.005, max_reps=5)
     lines = []
