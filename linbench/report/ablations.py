@@ -28,8 +28,9 @@ _VARIANT = re.compile(r"^(?P<base>[^\[\]]+)\[(?P<changes>.+)\]$")
 COLUMNS = ["variant", "default", "metric", "variant value", "default value", "difference",
            "95% CI", "p", "n", "significant", "state bytes (variant / default)", "budget"]
 NOTE = ("Each variant (a run with --set overrides) against its method's default "
-        "configuration on the items both share. difference: variant - default in points for "
-        "accuracies, variant / default for perplexities. significant: at 95% (two-sided); "
+        "configuration on the items both share (or, where the default has moved since the "
+        "variant ran, against the row that differs from it only in the variant's fields). "
+        "difference: variant - default in points for accuracies, variant / default for perplexities. significant: at 95% (two-sided); "
         f"{stats.ACCURACY_CI}. "
         "state bytes: the inference state of each at the length shown. budget: the variant's "
         "recovery budget, marked where the default's differs.")
@@ -90,13 +91,38 @@ def _budget_cell(variant: dict, base: dict) -> Cell:
                 "different budgets: the difference is not the variant's alone")
 
 
+def _method_config(record: dict) -> dict:
+    return dict((record.get("config") or {}).get("method") or {})
+
+
+def _default_for(variant: dict, changes: str, default: dict, rows: list[dict]) -> dict:
+    """The row a variant is tested against: its method's default row, unless that row's
+    configuration differs from the variant's in more than the fields the variant's label
+    names (the default moved after the variant was run: a preset's LoRA lr, say) and
+    another row of the method differs in those fields only; then that row (a variant
+    itself, e.g. `lolcats[lora_lr=0.0001]`), so that a difference is the variant's alone."""
+    named = set(re.findall(r"(?:^|,)(\w+)=", changes))
+    mine = _method_config(variant)
+
+    def only_named(row: dict) -> bool:
+        other = _method_config(row)
+        return bool(mine) and all(mine.get(k) == other.get(k)
+                                  for k in set(mine) | set(other) if k not in named)
+    if only_named(default):
+        return default
+    base = base_of(variant["method"])[0]
+    same = [r for r in rows if r is not variant and only_named(r)
+            and (base_of(r.get("method", "")) or (r.get("method"),))[0] == base]
+    return same[0] if same else default
+
+
 def ablation_table(table: Table) -> Table | None:
     """The ablation table of one quality table, or None when it has no variant with a default."""
     if table.kind != "quality":
         return None
     ok = [r for r in table.records if r.get("status") == "ok"]
     default = {r["method"]: r for r in ok if base_of(r.get("method", "")) is None}
-    pairs = [(r, default[b[0]], b[1]) for r in ok
+    pairs = [(r, _default_for(r, b[1], default[b[0]], ok), b[1]) for r in ok
              if (b := base_of(r.get("method", ""))) and b[0] in default]
     if not pairs:
         return None

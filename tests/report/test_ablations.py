@@ -97,3 +97,27 @@ def test_state_bytes_and_budget_sit_beside_the_quality_of_each_variant():
     assert "default" not in h["budget"] and h["budget"].startswith("transfer 20M")
     p = rows[("lolcats[adapter=pissa]", "acc")]
     assert p["budget"].startswith("transfer 10M") and "(default: transfer 20M" in p["budget"]
+
+
+def test_a_variant_is_tested_against_the_row_that_differs_only_in_its_fields():
+    """The default moved after the variant ran (a preset's LoRA lr): the variant is paired
+    with the row whose config is the variant's except for the variant's own fields."""
+    def cfg(rec, **method):
+        rec["config"] = {"method": {"name": "lolcats", "window": 64, "adapter": "lora",
+                                    "lora_lr": 1e-3, **method}}
+        return rec
+    base, old, worse = _outcomes(400, 240, 1), _outcomes(400, 200, 6), _outcomes(400, 100, 7)
+    recs = [with_items(record("softmax", "mmlu5", {}), "acc", _outcomes(400, 300, 2)),
+            cfg(with_items(record("lolcats", "mmlu5", {}), "acc", base)),
+            cfg(with_items(record("lolcats[lora_lr=0.0001]", "mmlu5", {}), "acc", old),
+                lora_lr=1e-4),
+            cfg(with_items(record("lolcats[adapter=pissa]", "mmlu5", {}), "acc", worse),
+                lora_lr=1e-4, adapter="pissa"),
+            cfg(with_items(record("lolcats[window=0]", "mmlu5", {}), "acc", worse), window=0)]
+    (table,) = build_tables(recs)
+    rows = _rows(ablations.ablation_tables([table])[0])
+    assert rows[("lolcats[adapter=pissa]", "acc")]["default"] == "lolcats[lora_lr=0.0001]"
+    assert rows[("lolcats[adapter=pissa]", "acc")]["difference"] == \
+        f"{100 * (sum(worse) - sum(old)) / 400:+.1f} pts"
+    assert rows[("lolcats[lora_lr=0.0001]", "acc")]["default"] == "lolcats"
+    assert rows[("lolcats[window=0]", "acc")]["default"] == "lolcats"  # the default still fits
