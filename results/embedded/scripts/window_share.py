@@ -16,6 +16,10 @@ averaged over heads and layers, and over the "window heads" (teacher share M > 0
 A hybrid that keeps what its window holds has S close to M on those heads.
 
     OMP_NUM_THREADS=1 python results/embedded/scripts/window_share.py CKPT [CKPT ...]
+
+CKPT is printed by the run that reuses it: `linbench run --methods lolcats --suite ppl
+--limit 50 --budget cpu` says "reusing recovered checkpoint CKPT" (the run that trains it
+says "recovering ... in DIR"; then CKPT is DIR/model).
 """
 import sys
 
