@@ -99,19 +99,21 @@ def _default_for(variant: dict, changes: str, default: dict, rows: list[dict]) -
     """The row a variant is tested against: its method's default row, unless that row's
     configuration differs from the variant's in more than the fields the variant's label
     names (the default moved after the variant was run: a preset's LoRA lr, say) and
-    another row of the method differs in those fields only; then that row (a variant
-    itself, e.g. `lolcats[lora_lr=0.0001]`), so that a difference is the variant's alone."""
+    another row of the method is the default's configuration at the variant's other
+    settings (its named fields at the default's values, every other field at the
+    variant's): then that row (a variant itself, e.g. `lolcats[lora_lr=0.0001]`), so that
+    a difference is the variant's alone."""
     named = set(re.findall(r"(?:^|,)(\w+)=", changes))
-    mine = _method_config(variant)
+    mine, base_cfg = _method_config(variant), _method_config(default)
+    want = {**mine, **{k: base_cfg.get(k) for k in named}}
 
-    def only_named(row: dict) -> bool:
+    def fits(row: dict, target: dict) -> bool:
         other = _method_config(row)
-        return bool(mine) and all(mine.get(k) == other.get(k)
-                                  for k in set(mine) | set(other) if k not in named)
-    if only_named(default):
+        return bool(mine) and all(target.get(k) == other.get(k) for k in set(target) | set(other))
+    if not mine or fits(default, want):
         return default
     base = base_of(variant["method"])[0]
-    same = [r for r in rows if r is not variant and only_named(r)
+    same = [r for r in rows if r is not variant and fits(r, want)
             and (base_of(r.get("method", "")) or (r.get("method"),))[0] == base]
     return same[0] if same else default
 

@@ -111,6 +111,8 @@ def test_a_variant_is_tested_against_the_row_that_differs_only_in_its_fields():
             cfg(with_items(record("lolcats", "mmlu5", {}), "acc", base)),
             cfg(with_items(record("lolcats[lora_lr=0.0001]", "mmlu5", {}), "acc", old),
                 lora_lr=1e-4),
+            cfg(with_items(record("lolcats[adapter=eva]", "mmlu5", {}), "acc", old),
+                lora_lr=1e-4, adapter="eva"),  # a sibling: not the pissa row's default
             cfg(with_items(record("lolcats[adapter=pissa]", "mmlu5", {}), "acc", worse),
                 lora_lr=1e-4, adapter="pissa"),
             cfg(with_items(record("lolcats[window=0]", "mmlu5", {}), "acc", worse), window=0)]
