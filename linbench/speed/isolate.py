@@ -26,11 +26,13 @@ class _Measure(Exception):
     """Raised by the dry pass's build: a shape has to be measured."""
 
 
-def model_rows(run, name: str, source, model=None, isolate: bool = True) -> None:
+def model_rows(run, name: str, source, model=None, isolate: bool = True,
+               default_source=None) -> None:
     """Append the model-level rows of method `name` to run.out (a sweep._Sweep): reused,
     measured here, or (isolate) measured in a fresh process. `source`: the sweep's
-    ModelSource; `model`: the one the caller gave (None: the default, rebuilt in the
-    child; anything else must pickle)."""
+    ModelSource; `model`: the one the caller gave (None: the child builds one with
+    default_source(cfg); anything else must pickle). The child gets the sweep's classes
+    as arguments (pickled by reference), so this module imports no sweep."""
     if not isolate:
         _rows(run, name, source)
         return
@@ -39,7 +41,7 @@ def model_rows(run, name: str, source, model=None, isolate: bool = True) -> None
     from concurrent.futures.process import BrokenProcessPool
     for _ in range(len(run.cfg.modes) * len(run.cfg.seqlens) + 1):
         try:
-            run.out += _in_child(run.cfg, name, model, run.echo)
+            run.out += _in_child(run.cfg, name, model or default_source, type(run), run.echo)
             return
         except BrokenProcessPool:
             run.echo(f"[speed] {name}: its measuring process was killed (out of memory?); "
@@ -85,7 +87,7 @@ def _all_reusable(run, name: str, source) -> bool:
     return True
 
 
-def _in_child(cfg, name: str, model, echo) -> list[dict]:
+def _in_child(cfg, name: str, model, sweep_cls, echo) -> list[dict]:
     """Run `_rows` for `name` in a spawned process; its lines go to `echo` as they come."""
     import multiprocessing
     import threading
@@ -104,7 +106,7 @@ def _in_child(cfg, name: str, model, echo) -> list[dict]:
     try:
         with ProcessPoolExecutor(1, mp_context=ctx, initializer=_child_start,
                                  initargs=(lines, torch.get_num_threads())) as pool:
-            out = pool.submit(_child_rows, cfg, name, model).result()
+            out = pool.submit(_child_rows, cfg, name, model, sweep_cls).result()
         ended = True  # the child sent its end-of-lines mark
         return out
     finally:
@@ -120,11 +122,11 @@ def _child_start(lines, threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _child_rows(cfg, name: str, model) -> list[dict]:
-    from linbench.speed.sweep import _Sweep, default_model_source
-    run = _Sweep(cfg, _LINES.put)
+def _child_rows(cfg, name: str, model, sweep_cls) -> list[dict]:
+    """`model`: a ModelSource, or a function cfg -> ModelSource (the default's)."""
+    run = sweep_cls(cfg, _LINES.put)
     try:
-        _rows(run, name, model or default_model_source(cfg))
+        _rows(run, name, model if hasattr(model, "load") else model(cfg))
     finally:
         _LINES.put(None)
     return run.out

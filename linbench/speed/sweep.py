@@ -372,5 +372,5 @@ def sweep(cfg: SpeedConfig, echo=print, model: ModelSource | None = None) -> lis
         from linbench.speed.isolate import model_rows
         source = model or default_model_source(cfg)
         for name in [n for n in cfg.methods if n not in FLA_PEERS]:
-            model_rows(run, name, source, model, cfg.isolate)
+            model_rows(run, name, source, model, cfg.isolate, default_model_source)
     return run.out
