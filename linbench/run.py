@@ -89,15 +89,11 @@ def plan_jobs(plan: RunPlan, spec: models.ModelSpec, store: Store) -> list[Job]:
 
 
 def configured(plan: RunPlan, name: str):
-    """The method `name` as this plan runs it: its defaults, then the fields the budget sets
-    for a recovering method (the `cpu` preset's LoRA lr), then the user's --set values."""
+    """The method `name` as this plan runs it (recovery.budget.Budget.configure: its
+    defaults, the budget's fields for a recovering method, then the user's --set values)."""
     from linbench.recovery import budget as budgets
-    cls, chosen = registry.methods.get(name), plan.overrides.get(name, {})
-    method = cls(**chosen)
-    if not method.needs_recovery():
-        return method
-    fields = budgets.parse(plan.budget).method_fields(cls.config_cls)
-    return cls(**{**fields, **chosen}) if fields else method
+    return budgets.parse(plan.budget).configure(registry.methods.get(name),
+                                                plan.overrides.get(name, {}))
 
 
 def validate(methods: list[str], suites: list[str]) -> None:

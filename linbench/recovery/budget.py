@@ -53,7 +53,7 @@ class Budget:
 
     def identity(self) -> dict:
         """What changes the result (enters the checkpoint and record hashes). lora_lr is
-        not here: it enters through the method configs it sets (`method_fields`)."""
+        not here: it enters through the method configs it sets (`configure`)."""
         d = dataclasses.asdict(self)
         for k in ("name", "save_every", "lora_lr"):
             d.pop(k)
@@ -82,10 +82,17 @@ class Budget:
     def micro(self) -> int:
         return self.micro_batch or self.batch_size
 
-    def method_fields(self, config_cls) -> dict:
-        """The method config fields this budget sets (those config_cls has)."""
-        names = {f.name for f in dataclasses.fields(config_cls)}
-        return {"lora_lr": self.lora_lr} if self.lora_lr is not None and "lora_lr" in names else {}
+    def configure(self, cls, chosen: dict | None = None):
+        """Method class `cls` as a recovery at this budget builds it: its defaults, then the
+        fields this budget sets when the method recovers (the CPU presets' LoRA lr), then
+        `chosen` (--set values, which win). The config is what recovery trains and what
+        the checkpoint and record hashes see, so every caller builds methods here."""
+        chosen = dict(chosen or {})
+        method = cls(**chosen)
+        if self.lora_lr is None or not method.needs_recovery() or \
+                "lora_lr" not in {f.name for f in dataclasses.fields(cls.config_cls)}:
+            return method
+        return cls(**{"lora_lr": self.lora_lr, **chosen})
 
 
 # LoRA lr of the CPU presets (see the module docstring)

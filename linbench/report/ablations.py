@@ -30,7 +30,8 @@ COLUMNS = ["variant", "default", "metric", "variant value", "default value", "di
 NOTE = ("Each variant (a run with --set overrides) against its method's default "
         "configuration on the items both share (or, where the default has moved since the "
         "variant ran, against the row that differs from it only in the variant's fields). "
-        "difference: variant - default in points for accuracies, variant / default for perplexities. significant: at 95% (two-sided); "
+        "difference: variant - default in points for accuracies, variant / default for "
+        "perplexities. significant: at 95% (two-sided); "
         f"{stats.ACCURACY_CI}. "
         "state bytes: the inference state of each at the length shown. budget: the variant's "
         "recovery budget, marked where the default's differs.")
@@ -96,25 +97,18 @@ def _method_config(record: dict) -> dict:
 
 
 def _default_for(variant: dict, changes: str, default: dict, rows: list[dict]) -> dict:
-    """The row a variant is tested against: its method's default row, unless that row's
-    configuration differs from the variant's in more than the fields the variant's label
-    names (the default moved after the variant was run: a preset's LoRA lr, say) and
-    another row of the method is the default's configuration at the variant's other
-    settings (its named fields at the default's values, every other field at the
-    variant's): then that row (a variant itself, e.g. `lolcats[lora_lr=0.0001]`), so that
-    a difference is the variant's alone."""
+    """The row a variant is tested against: the row of its method whose configuration is the
+    variant's with the fields its label names at the default's values. That is the
+    method's default row, unless the default moved after the variant ran (a preset's
+    LoRA lr, say); then it is the row that kept the old configuration (e.g.
+    `lolcats[lora_lr=0.0001]`), so that a difference is the variant's alone. Without such
+    a row (or configs in the records), the default row."""
+    mine, base = _method_config(variant), base_of(variant["method"])[0]
     named = set(re.findall(r"(?:^|,)(\w+)=", changes))
-    mine, base_cfg = _method_config(variant), _method_config(default)
-    want = {**mine, **{k: base_cfg.get(k) for k in named}}
-
-    def fits(row: dict, target: dict) -> bool:
-        other = _method_config(row)
-        return bool(mine) and all(target.get(k) == other.get(k) for k in set(target) | set(other))
-    if not mine or fits(default, want):
-        return default
-    base = base_of(variant["method"])[0]
-    same = [r for r in rows if r is not variant and fits(r, want)
-            and (base_of(r.get("method", "")) or (r.get("method"),))[0] == base]
+    want = {**mine, **{k: _method_config(default).get(k) for k in named}}
+    same = [r for r in (default, *rows) if mine and r is not variant
+            and (base_of(r.get("method", "")) or (r.get("method"),))[0] == base
+            and _method_config(r) == want]
     return same[0] if same else default
 
 

@@ -155,6 +155,14 @@ def test_the_cpu_presets_set_one_lora_lr_and_paper_keeps_each_methods_own():
     assert budgets.parse("cpu,lora_lr=0").lora_lr is None  # 0: each method's own
     # the lr enters the hashes through the method configs it sets, not the budget's
     assert budgets.parse("cpu").identity() == budgets.parse("cpu,lora_lr=0").identity()
+    # one place builds a method at a budget: a recovering method gets the lr, --set wins,
+    # a method without recovery is left as it is
+    from linbench import registry
+    lolcats, swa = registry.methods.get("lolcats"), registry.methods.get("swa")
+    assert budgets.parse("cpu").configure(lolcats).config.lora_lr == 1e-3
+    assert budgets.parse("cpu").configure(lolcats, {"lora_lr": 5e-5}).config.lora_lr == 5e-5
+    assert budgets.parse("paper").configure(lolcats).config == lolcats().config
+    assert budgets.parse("cpu").configure(swa).config == swa().config
 
 
 @pytest.mark.parametrize("text", ["", "fast", "transfer=x", "foo=1", "1,,2", "2Q", "smoke,batch=0",

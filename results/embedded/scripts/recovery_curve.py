@@ -18,15 +18,16 @@ from linbench.recovery.corpus import Corpus
 
 out_path, name, budget = sys.argv[1], sys.argv[2], sys.argv[3]
 chosen = overrides.resolve([name], [f"{name}.{s}" for s in sys.argv[4:]])[name]
-method = registry.methods.get(name)(**chosen)
+b = budgets.parse(budget)
+method = b.configure(registry.methods.get(name), chosen)  # as `linbench run` builds it
 spec = models.resolve("smollm2-135m")
 model, tok = models.load(spec, "float32", "cpu")
-b = budgets.parse(budget)
 corpus = Corpus("sharegpt", tokenizer=tok, seqlen=b.seqlen_for(method), seed=1234)
 t0 = time.time()
 model = stages.recover(method, method.linearize(model), corpus, b, seed=1234,
                        echo=lambda s: print(s, flush=True))
 row = {"method": name, "overrides": chosen, "budget": budget, "budget_identity": b.identity(),
+       "lora_lr": method.config.lora_lr,
        "calibration": model.config.linbench.get("calibration"),
        "stages": stages.stages_of(model), "seconds": round(time.time() - t0, 1)}
 print(json.dumps(row), flush=True)
