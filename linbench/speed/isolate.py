@@ -41,7 +41,7 @@ def model_rows(run, name: str, source, model=None, isolate: bool = True,
     from concurrent.futures.process import BrokenProcessPool
     for _ in range(len(run.cfg.modes) * len(run.cfg.seqlens) + 1):
         try:
-            run.out += _in_child(run.cfg, name, model or default_source, type(run), run.echo)
+            run.out += _in_child(run.cfg, name, (model, default_source, type(run)), run.echo)
             return
         except BrokenProcessPool:
             run.echo(f"[speed] {name}: its measuring process was killed (out of memory?); "
@@ -87,8 +87,9 @@ def _all_reusable(run, name: str, source) -> bool:
     return True
 
 
-def _in_child(cfg, name: str, model, sweep_cls, echo) -> list[dict]:
-    """Run `_rows` for `name` in a spawned process; its lines go to `echo` as they come."""
+def _in_child(cfg, name: str, build: tuple, echo) -> list[dict]:
+    """Run `_rows` for `name` in a spawned process; its lines go to `echo` as they come.
+    build: (model source or None, default source function, sweep class) for the child."""
     import multiprocessing
     import threading
     from concurrent.futures import ProcessPoolExecutor
@@ -102,16 +103,12 @@ def _in_child(cfg, name: str, model, sweep_cls, echo) -> list[dict]:
             echo(line)
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
-    ended = False
     try:
         with ProcessPoolExecutor(1, mp_context=ctx, initializer=_child_start,
                                  initargs=(lines, torch.get_num_threads())) as pool:
-            out = pool.submit(_child_rows, cfg, name, model, sweep_cls).result()
-        ended = True  # the child sent its end-of-lines mark
-        return out
-    finally:
-        if not ended:
-            lines.put(None)
+            return pool.submit(_child_rows, cfg, name, *build).result()
+    finally:  # the pool has joined its process (and that its queue feeder): lines first
+        lines.put(None)
         reader.join(timeout=30)
 
 
@@ -122,11 +119,7 @@ def _child_start(lines, threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _child_rows(cfg, name: str, model, sweep_cls) -> list[dict]:
-    """`model`: a ModelSource, or a function cfg -> ModelSource (the default's)."""
+def _child_rows(cfg, name: str, model, default_source, sweep_cls) -> list[dict]:
     run = sweep_cls(cfg, _LINES.put)
-    try:
-        _rows(run, name, model if hasattr(model, "load") else model(cfg))
-    finally:
-        _LINES.put(None)
+    _rows(run, name, model or default_source(cfg))
     return run.out
