@@ -3,7 +3,8 @@
 DeltaNet's layer (q, k through SiLU + L2 norm in the paper, `feature_map=silu_l2`;
 linbench's default is a learnable Hedgehog map, see methods/README.md "Feature maps"; a
 new write strength beta_t = sigmoid(W_beta x_t) per head) with a new data-dependent
-decay per head in Mamba2's form, a_t = exp(-exp(A_log) softplus(W_a x_t + dt_bias)), started near 1 (GatedDeltaMix):
+decay per head in Mamba2's form, a_t = exp(-exp(A_log) softplus(W_a x_t + dt_bias)),
+started near 1 (GatedDeltaMix):
     S_t = a_t S_{t-1} (I - beta_t k_t k_t^T) + beta_t v_t k_t^T,   o_t = S_t q_t,
 computed by the delta rule kernels with the log-gate g_t = log a_t. Then a new per-head
 RMSNorm and, by default, a new output gate (1 at start) before o_proj. Recovery: transfer
