@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import json
+import time
 
 import pytest
 import torch
@@ -421,3 +422,28 @@ def test_the_sweep_estimate_reads_the_same_shape_or_extrapolates_it():
     assert total == pytest.approx(64.0 + 4.0) and "1 of 2 shapes" in basis  # median 4.0
     assert estimate_seconds(history, [shape("a", 1 << 21)], 600)[0] == 600  # capped
     assert "rough default" in estimate_seconds([], [shape("a", 1024)], 600, 7.0)[1]
+
+
+def test_a_probe_keeps_the_faster_of_its_calls(monkeypatch):
+    """A probe's first call pays one-time costs; extrapolated from 8K to 2M they once
+    turned a one-minute shape into a predicted timeout. Each probe length keeps its faster
+    call, so a target whose first call is slow is predicted from its steady calls."""
+    from linbench.speed import timing
+
+    class FirstCallSlow:
+        calls = 0
+
+        def prepare(self, mode, T):
+            def run():
+                FirstCallSlow.calls += 1
+                time.sleep(0.2 if FirstCallSlow.calls == 1 else 0.001 * T / 64)
+            return run, None
+
+    monkeypatch.setattr(timing, "PROBE_LENGTHS", (64, 128))
+    g = Guard()
+    done = timing.probe(FirstCallSlow(), "fwd", 4096, g, "cpu")
+    assert len(done) == 2 and FirstCallSlow.calls == 2 * timing.PROBE_CALLS
+    (t1, s1, _), (t2, s2, _) = g.points
+    assert (t1, t2) == (64, 128) and s1 < 0.1 and s2 < 0.1, g.points
+    # the steady calls scale ~T: 4096 is predicted near 64 ms, not from the 0.2 s call
+    assert g.predict(4096, 1.0, None, 0) is None
