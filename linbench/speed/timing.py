@@ -269,23 +269,30 @@ class Guard:
 
 # Lengths of the unrecorded probe calls that seed a guard with nothing to predict from.
 PROBE_LENGTHS = (4096, 8192)
-PROBE_CALLS = 2  # per length; the faster is kept
+PROBE_CALLS = 2        # per length; the faster is kept
+PROBE_STEP = 8         # then longer probes, 8x apart, ...
+PROBE_SECONDS = 5.0    # ... while one is predicted to take at most this, and at most a
+PROBE_MEMORY = 0.25    # quarter of the memory available, and is at most T_first / 4
 
 
 def probe(target, mode, T_first, guard, device) -> list[str]:
     """Seed `guard` when a sweep starts high (its first length to run is above 2x the
-    largest probe length and no smaller length was measured or reused): one untimed-loop
-    call at each of PROBE_LENGTHS, observed as points (time and peak), so the first real
-    shape can already be predicted to time out or run out of memory (a lone
-    `--seqlen 2M` of softmax would otherwise run for hours). Each probe calls twice and
-    keeps the faster call: a first call pays one-time costs (allocation, lazy set-up)
-    that a fit from 8K to 2M multiplies (one call each once predicted lightning's bf16
-    fwd at 2M to take 1,960 s; it takes about a minute). Returns what was probed, as
-    text; a probe that fails is skipped (the real shape records its own failure)."""
+    largest probe length and no smaller length was measured or reused): untimed-loop
+    calls at PROBE_LENGTHS, observed as points (time and peak), so the first real shape
+    can already be predicted to time out or run out of memory (a lone `--seqlen 2M` of
+    softmax would otherwise run for hours). Then, while the guard predicts the next
+    length 8x up to be cheap (PROBE_SECONDS, PROBE_MEMORY) and it is at most T_first / 4,
+    that length is probed too: at 4K and 8K fixed costs dominate, and a fit from 8K to 2M
+    multiplies them by 256 (it once predicted lightning's bf16 fwd at 2M, 9.4 GiB, to need
+    42.6 GiB). Each probe calls twice and keeps the faster call (a first call pays one-time
+    costs; one call each once predicted that shape to take 1,960 s, not about a minute).
+    Returns what was probed, as text; a probe that fails ends the probing (the real shape
+    records its own failure)."""
     if T_first <= 2 * max(PROBE_LENGTHS) or any(t < T_first for t, _, _ in guard.points):
         return []
-    done = []
-    for Tp in PROBE_LENGTHS:
+    done, lengths = [], list(PROBE_LENGTHS)
+    while lengths:
+        Tp = lengths.pop(0)
         try:
             with PeakMemory(device) as mem:
                 torch.manual_seed(0)
@@ -301,10 +308,14 @@ def probe(target, mode, T_first, guard, device) -> list[str]:
                 run = None
         except Exception:  # noqa: BLE001
             gc.collect()
-            continue
+            break
         gc.collect()
         guard.observe(Tp, "ok", seconds, mem.bytes)
         done.append(f"T={fmt_len(Tp)} {seconds:.3g} s")
+        up = Tp * PROBE_STEP
+        if not lengths and up <= T_first // 4 and guard.predict(
+                up, PROBE_SECONDS, PROBE_MEMORY / 0.9 * available_bytes(device), 0) is None:
+            lengths.append(up)
     return done
 
 

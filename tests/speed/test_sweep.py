@@ -441,9 +441,33 @@ def test_a_probe_keeps_the_faster_of_its_calls(monkeypatch):
 
     monkeypatch.setattr(timing, "PROBE_LENGTHS", (64, 128))
     g = Guard()
-    done = timing.probe(FirstCallSlow(), "fwd", 4096, g, "cpu")
+    done = timing.probe(FirstCallSlow(), "fwd", 512, g, "cpu")  # 512 / 4: no longer probe
     assert len(done) == 2 and FirstCallSlow.calls == 2 * timing.PROBE_CALLS
     (t1, s1, _), (t2, s2, _) = g.points
     assert (t1, t2) == (64, 128) and s1 < 0.1 and s2 < 0.1, g.points
     # the steady calls scale ~T: 4096 is predicted near 64 ms, not from the 0.2 s call
     assert g.predict(4096, 1.0, None, 0) is None
+
+
+def test_probes_climb_while_the_next_length_is_cheap(monkeypatch):
+    """After the fixed probe lengths, 8x longer probes follow while the guard predicts
+    them cheap and they stay at most T_first / 4, so a 2M shape is predicted from 512K,
+    not from 8K (whose fixed costs, times 256, once predicted an oom for a 9 GiB shape)."""
+    from linbench.speed import timing
+
+    class Linear:  # sleeps `per` seconds per token
+        def __init__(self, per):
+            self.per, self.lengths = per, []
+
+        def prepare(self, mode, T):
+            self.lengths.append(T)
+            return (lambda: time.sleep(self.per * T)), None
+
+    monkeypatch.setattr(timing, "PROBE_LENGTHS", (64, 128))
+    fast = Linear(1e-7)
+    timing.probe(fast, "fwd", 1 << 21, Guard(), "cpu")
+    assert fast.lengths == [64, 128, 1024, 8192, 65536, 524288]  # 524288 = 2M / 4
+    monkeypatch.setattr(timing, "PROBE_SECONDS", 0.5)
+    slow = Linear(1e-3)  # 1024 would take ~1 s > 0.5 s: not probed
+    timing.probe(slow, "fwd", 1 << 21, Guard(), "cpu")
+    assert slow.lengths == [64, 128]
