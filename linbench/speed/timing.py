@@ -271,7 +271,7 @@ class Guard:
 PROBE_LENGTHS = (4096, 8192)
 PROBE_CALLS = 2        # per length; the faster is kept
 PROBE_STEP = 8         # then longer probes, 8x apart, ...
-PROBE_SECONDS = 5.0    # ... while one is predicted to take at most this, and at most a
+PROBE_SECONDS = 15.0   # ... while one is predicted to take at most this, and at most a
 PROBE_MEMORY = 0.25    # quarter of the memory available, and is at most T_first / 4
 
 
