@@ -221,7 +221,7 @@ class _Sweep:
                     _warm_up(target, mode, min(256, *cfg.seqlens))
                     warm = True
                     _seed_from_store(guards[mode], T, lambda t: self.store.load(where(t)[2]))
-                    probed = probe(target, mode, T, guards[mode], cfg.device)
+                    probed = probe(target, mode, T, guards[mode], cfg.device, cfg.time_cap)
                     if probed:
                         self.echo(f"[speed] {name}{tag} {mode}: probed {', '.join(probed)} "
                                   f"(not recorded) to predict T={fmt_len(T)} and up")

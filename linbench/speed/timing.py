@@ -271,17 +271,19 @@ class Guard:
 PROBE_LENGTHS = (4096, 8192)
 PROBE_CALLS = 2        # per length; the faster is kept
 PROBE_STEP = 8         # then longer probes, 8x apart, ...
-PROBE_SECONDS = 15.0   # ... while one is predicted to take at most this, and at most a
-PROBE_MEMORY = 0.25    # quarter of the memory available, and is at most T_first / 4
+PROBE_SECONDS = 5.0    # ... while one is predicted to take at most this or 1/20 of the
+PROBE_SHARE = 1 / 20   # time cap, whichever is more, and at most a quarter of the memory
+PROBE_MEMORY = 0.25    # available, and is at most T_first / 4
 
 
-def probe(target, mode, T_first, guard, device) -> list[str]:
+def probe(target, mode, T_first, guard, device, time_cap: float = 60.0) -> list[str]:
     """Seed `guard` when a sweep starts high (its first length to run is above 2x the
     largest probe length and no smaller length was measured or reused): untimed-loop
     calls at PROBE_LENGTHS, observed as points (time and peak), so the first real shape
     can already be predicted to time out or run out of memory (a lone `--seqlen 2M` of
     softmax would otherwise run for hours). Then, while the guard predicts the next
-    length 8x up to be cheap (PROBE_SECONDS, PROBE_MEMORY) and it is at most T_first / 4,
+    length 8x up to be cheap (PROBE_SECONDS or PROBE_SHARE of the time cap, whichever is
+    more; PROBE_MEMORY) and it is at most T_first / 4,
     that length is probed too: at 4K and 8K fixed costs dominate, and a fit from 8K to 2M
     multiplies them by 256 (it once predicted lightning's bf16 fwd at 2M, 9.4 GiB, to need
     42.6 GiB). Each probe calls twice and keeps the faster call (a first call pays one-time
@@ -314,7 +316,8 @@ def probe(target, mode, T_first, guard, device) -> list[str]:
         done.append(f"T={fmt_len(Tp)} {seconds:.3g} s")
         up = Tp * PROBE_STEP
         if not lengths and up <= T_first // 4 and guard.predict(
-                up, PROBE_SECONDS, PROBE_MEMORY / 0.9 * available_bytes(device), 0) is None:
+                up, max(PROBE_SECONDS, PROBE_SHARE * time_cap),
+                PROBE_MEMORY / 0.9 * available_bytes(device), 0) is None:
             lengths.append(up)
     return done
 

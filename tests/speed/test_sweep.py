@@ -468,6 +468,9 @@ def test_probes_climb_while_the_next_length_is_cheap(monkeypatch):
     timing.probe(fast, "fwd", 1 << 21, Guard(), "cpu")
     assert fast.lengths == [64, 128, 1024, 8192, 65536, 524288]  # 524288 = 2M / 4
     monkeypatch.setattr(timing, "PROBE_SECONDS", 0.5)
-    slow = Linear(1e-3)  # 1024 would take ~1 s > 0.5 s: not probed
-    timing.probe(slow, "fwd", 1 << 21, Guard(), "cpu")
+    slow = Linear(1e-3)  # 1024 would take ~1 s > max(0.5 s, cap / 20 = 0.5 s): not probed
+    timing.probe(slow, "fwd", 1 << 21, Guard(), "cpu", time_cap=10)
     assert slow.lengths == [64, 128]
+    slow = Linear(1e-3)  # a 40 s cap allows 2 s per probe: 1024 (~1 s) is probed
+    timing.probe(slow, "fwd", 1 << 21, Guard(), "cpu", time_cap=40)
+    assert slow.lengths == [64, 128, 1024]
