@@ -424,6 +424,26 @@ def test_the_sweep_estimate_reads_the_same_shape_or_extrapolates_it():
     assert "rough default" in estimate_seconds([], [shape("a", 1024)], 600, 7.0)[1]
 
 
+def _cheap_probes(monkeypatch, timing):
+    """The probe loop alone: no process-wide peak-memory reads, garbage collections or
+    meminfo reads (in a full test session each costs up to a second)."""
+    class NoPeak:
+        bytes = None
+
+        def __init__(self, device):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(timing, "PeakMemory", NoPeak)
+    monkeypatch.setattr(timing, "available_bytes", lambda device: 1 << 40)
+    monkeypatch.setattr(timing.gc, "collect", lambda: 0)
+
+
 def test_a_probe_keeps_the_faster_of_its_calls(monkeypatch):
     """A probe's first call pays one-time costs; extrapolated from 8K to 2M they once
     turned a one-minute shape into a predicted timeout. Each probe length keeps its faster
@@ -440,6 +460,7 @@ def test_a_probe_keeps_the_faster_of_its_calls(monkeypatch):
             return run, None
 
     monkeypatch.setattr(timing, "PROBE_LENGTHS", (64, 128))
+    _cheap_probes(monkeypatch, timing)
     g = Guard()
     done = timing.probe(FirstCallSlow(), "fwd", 512, g, "cpu")  # 512 / 4: no longer probe
     assert len(done) == 2 and FirstCallSlow.calls == 2 * timing.PROBE_CALLS
@@ -464,13 +485,14 @@ def test_probes_climb_while_the_next_length_is_cheap(monkeypatch):
             return (lambda: time.sleep(self.per * T)), None
 
     monkeypatch.setattr(timing, "PROBE_LENGTHS", (64, 128))
+    _cheap_probes(monkeypatch, timing)
     fast = Linear(1e-7)
     timing.probe(fast, "fwd", 1 << 21, Guard(), "cpu")
     assert fast.lengths == [64, 128, 1024, 8192, 65536, 524288]  # 524288 = 2M / 4
-    monkeypatch.setattr(timing, "PROBE_SECONDS", 0.5)
-    slow = Linear(1e-3)  # 1024 would take ~1 s > max(0.5 s, cap / 20 = 0.5 s): not probed
-    timing.probe(slow, "fwd", 1 << 21, Guard(), "cpu", time_cap=10)
+    monkeypatch.setattr(timing, "PROBE_SECONDS", 0.05)
+    slow = Linear(1e-4)  # 1024 would take ~0.1 s > max(0.05 s, cap / 20 = 0.05 s): not probed
+    timing.probe(slow, "fwd", 1 << 21, Guard(), "cpu", time_cap=1)
     assert slow.lengths == [64, 128]
-    slow = Linear(1e-3)  # a 40 s cap allows 2 s per probe: 1024 (~1 s) is probed
-    timing.probe(slow, "fwd", 1 << 21, Guard(), "cpu", time_cap=40)
+    slow = Linear(1e-4)  # a 4 s cap allows 0.2 s per probe: 1024 (~0.1 s) is, 8192 is not
+    timing.probe(slow, "fwd", 1 << 21, Guard(), "cpu", time_cap=4)
     assert slow.lengths == [64, 128, 1024]
