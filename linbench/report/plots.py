@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
@@ -197,7 +198,7 @@ def _canvas(fig: Figure):
 # label offsets (points) tried in turn: beside the point, then above / below, then further
 # out with a leader line
 OFFSETS = [(6, 3), (6, -3), (-6, 3), (-6, -3), (0, 9), (0, -9)]
-OFFSETS += [(dx * k, dy * k) for k in (2.5, 4) for dx, dy in
+OFFSETS += [(dx * k, dy * k) for k in (2.5, 4, 6, 9) for dx, dy in
             ((8, 6), (8, -6), (-8, 6), (-8, -6), (0, 10), (0, -10))]
 
 
@@ -210,7 +211,8 @@ def _overlap(a, b) -> float:
 def place_labels(fig: Figure, ax, points: list[tuple[float, float, str]], fontsize: float = 8,
                  avoid: list | None = None) -> list:
     """Label each point (x, y, text in data coordinates) without overlaps: points within a
-    few pixels of each other share one label ("a, b"); each label takes the first offset
+    few pixels of each other share one label, a name per line (so a crowd of variants
+    cannot widen it past the figure); each label takes the first offset
     of OFFSETS where it stays inside the axes and clear of the other labels, the markers and
     the `avoid` artists (else the least-overlapping one, with a leader line). Returns the
     annotations."""
@@ -230,8 +232,11 @@ def place_labels(fig: Figure, ax, points: list[tuple[float, float, str]], fontsi
              for c in clusters]
     taken = [a.get_window_extent(renderer) for a in avoid or []]
     out = []
-    for i, c in enumerate(sorted(clusters, key=lambda c: (-c["px"][1], c["px"][0]))):
-        text = ", ".join(dict.fromkeys(c["texts"]))
+    # the biggest shared labels first (they have the fewest places to go), then top down
+    for i, c in enumerate(sorted(clusters, key=lambda c: (-len(c["texts"]), -c["px"][1],
+                                                          c["px"][0]))):
+        names = list(dict.fromkeys(c["texts"]))
+        text = "\n".join(names)  # one per line: a crowd of variants stays narrow
         own = clusters.index(c)
         best = None
         for k, (dx, dy) in enumerate(OFFSETS):
@@ -299,7 +304,8 @@ def quality_figure(table, colors: dict) -> tuple[Figure, str, list[str]] | None:
     pct = spec["kind"] == "accuracy" and all(0 <= v <= 1 for _, v, *_ in pts)
     scale = 100 if pct else 1
     logy = log_scale(spec, [v for _, v, *_ in pts])
-    fig = Figure(figsize=(7.2, 4.8), layout="constrained")
+    big = len(pts) > 12  # room for the labels of a crowd of variants
+    fig = Figure(figsize=(9.6, 6.4) if big else (7.2, 4.8), layout="constrained")
     ax = fig.subplots()
     for sb, v, m, err, same in pts:
         color = colors.get(m)
@@ -379,8 +385,9 @@ def recovery_plots(records: list[dict], colors: dict, out: Path) -> list[Plot]:
     (and one figure per method with variants, coloured within it)."""
     plots = []
     for j, ((model, mhash, dtype, family), by_method) in enumerate(_recovery_groups(records).items()):
-        if family is not None:
-            colors = {m: f"C{i % 10}" for i, m in enumerate(by_method)}
+        if family is not None:  # tab10 repeats after ten variants; tab20 after twenty
+            many = colormaps["tab20"] if len(by_method) > 10 else None
+            colors = {m: many(i % 20) if many else f"C{i}" for i, m in enumerate(by_method)}
         stage_names = list(dict.fromkeys(s.get("stage") for st in by_method.values() for s in st))
         fig = Figure(figsize=(5.2 * len(stage_names) + 1.8, 4.4), layout="constrained")
         axes = fig.subplots(1, len(stage_names), squeeze=False)[0]

@@ -127,9 +127,9 @@ def test_quality_labels_do_not_overlap_and_coinciding_points_share_one():
     fig, _, _ = quality_figure(table, method_colors(recs))
     ax = fig.axes[0]
     boxes = _label_boxes(fig, ax)
-    methods = {m for text in boxes for m in text.split(", ")}
+    methods = {m for text in boxes for m in text.split("\n")}
     assert set(values) <= methods
-    assert "deltanet, gla" in boxes or "gla, deltanet" in boxes  # the same point, one label
+    assert "deltanet\ngla" in boxes or "gla\ndeltanet" in boxes  # the same point, one label
     names = [t for t in boxes if not t.startswith("chance")]
     area = ax.get_window_extent()
     for i, a in enumerate(names):
@@ -137,6 +137,33 @@ def test_quality_labels_do_not_overlap_and_coinciding_points_share_one():
         assert area.x0 <= b.x0 and b.x1 <= area.x1 and area.y0 <= b.y0 and b.y1 <= area.y1, a
         for c in names[i + 1:]:
             assert not boxes[a].overlaps(boxes[c]), (a, c)
+
+
+def test_a_crowd_of_variants_at_one_point_keeps_its_labels_in_the_figure():
+    """Six variants of one state size and about one score (an adapter sweep) share a label,
+    a name per line: joined on one line it was wider than the figure, and the layout
+    collapsed the axes (matplotlib's "axes sizes collapsed to zero")."""
+    import warnings
+    values = {"softmax": 0.50, "swa": 0.30, "gla": 0.21, "liger": 0.368, "lolcats": 0.298}
+    variants = [f"lolcats[adapter={a}]" for a in ("pissa", "eva", "corda", "bone", "dora")]
+    variants += ["lolcats[keep_softmax_layers=auto:2]", "lolcats[softmax_every=15]",
+                 "lolcats[lora_targets=v_proj,o_proj]"]
+    recs = [record(m, "mmlu5", {"acc": metric(v, 0.05)}) for m, v in values.items()]
+    recs += [record(m, "mmlu5", {"acc": metric(0.298, 0.05)}) for m in variants]
+    for r in recs:  # lolcats and its variants: one state size
+        if r["method"].startswith("lolcats"):
+            r["state_bytes"] = {"seqlen": 2048, "bytes": 17_700_000}
+    (table,) = build_tables(recs)
+    fig, _, _ = quality_figure(table, method_colors(recs))
+    ax = fig.axes[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a collapsed layout warns
+        boxes = _label_boxes(fig, ax)
+    shared = [t for t in boxes if "lolcats[adapter=pissa]" in t]
+    assert len(shared) == 1 and set(variants) <= set(shared[0].split("\n")), list(boxes)
+    area = fig.bbox
+    for text, b in boxes.items():
+        assert area.x0 <= b.x0 and b.x1 <= area.x1 and area.y0 <= b.y0 and b.y1 <= area.y1, text
 
 
 def test_window_boundary_follows_in_window_flips():
