@@ -42,11 +42,30 @@ def versions() -> dict:
     return out
 
 
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name ("AMD EPYC", "Intel(R) Xeon(R) ...") from /proc/cpuinfo, else
+    what `platform` knows (on Linux that is only the architecture)."""
+    try:
+        for line in Path(cpuinfo).read_text(errors="replace").splitlines():
+            name, _, value = line.partition(":")
+            if name.strip() == "model name" and value.strip():
+                return " ".join(value.split())
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def device_name(device: str) -> str:
+    """The device a record was measured on. For a CPU: its model name and the vector ISA
+    torch's kernels use on it, then the thread count ("cpu: AMD EPYC (AVX2) x1 threads"),
+    so that two machines of one architecture are told apart (speed tables, resumed sweeps
+    and time estimates key on this string); records made before it name only the
+    architecture ("cpu: x86_64 x1 threads")."""
     import torch
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name(torch.device(device))
-    return f"cpu: {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+    isa = torch.backends.cpu.get_cpu_capability()
+    return f"cpu: {cpu_model()} ({isa}) x{torch.get_num_threads()} threads"
 
 
 def environment(device: str) -> dict:

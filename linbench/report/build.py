@@ -20,7 +20,7 @@ parent") when the difference is not significant at 95%, the value as is when it 
 as is with a table note counting the cells that could not be tested and why. A suite
 whose parent is at chance gets stats.AT_CHANCE_NOTE and no comparison columns. A table
 whose rows come from several git commits, a dirty tree or several linbench versions says
-so in a note.
+so in a note, and so does a speed table whose records name only the CPU's architecture.
 
 `build_tables` returns structured tables (the HTML page and the plots read them);
 `tables` returns them as markdown, which `linbench run`, `speed` and `report` print.
@@ -260,6 +260,18 @@ def provenance_notes(recs: list[dict]) -> list[str]:
     return notes
 
 
+def device_notes(recs: list[dict]) -> list[str]:
+    """A note for a speed table whose device string names only the CPU's architecture
+    (records made before linbench recorded the CPU model and ISA): one string then covers
+    machines that differ several-fold in speed."""
+    devices = {str((r.get("details") or {}).get("device") or r.get("device")) for r in recs}
+    if not any(d.startswith("cpu:") and "(" not in d for d in devices):
+        return []
+    return ["device: these records name only the CPU architecture (made before linbench "
+            "recorded the CPU model), so rows may come from different machines; rows made "
+            "by one command (the provenance's command and created columns) ran on one"]
+
+
 def _quality_table(rows: pd.DataFrame, recs: list[dict], order: list[int]) -> Table:
     first = recs[0]
     meta = plugin_meta.suite_meta(first)
@@ -347,7 +359,8 @@ def build_tables(records: list[dict]) -> list[Table]:
         if keys.kind(recs[0]) == "speed":
             columns, rows, notes, title = report_speed.speed_table(recs)
             out.append(Table("speed", recs[0].get("suite") or "?", title, keys.key(recs[0]),
-                             columns, rows, recs, notes + provenance_notes(recs)))
+                             columns, rows, recs,
+                             notes + provenance_notes(recs) + device_notes(recs)))
         else:
             out.append(_quality_table(df[df.record.isin(order)], recs, order))
     return out

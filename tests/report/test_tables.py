@@ -109,6 +109,20 @@ def test_speed_rows_split_by_device_and_shape_and_compare_to_softmax():
     assert "TFLOP/s" in tables[2].columns and "TFLOP/s" not in tables[0].columns
 
 
+def test_a_speed_table_whose_records_name_only_the_cpu_architecture_says_so():
+    legacy = [speed("softmax", "fwd", 4096), speed("gla", "fwd", 4096)]  # "cpu: x86_64"
+    named = copy.deepcopy(legacy)
+    for r in named:
+        r["details"]["device"] = "cpu: AMD EPYC (AVX2) x1 threads"
+    gpu = copy.deepcopy(legacy)
+    for r in gpu:
+        r["details"]["device"] = "NVIDIA H100"
+    old, new, cuda = (build_tables(recs)[0] for recs in (legacy, named, gpu))
+    assert any(n.startswith("device: these records name only the CPU architecture")
+               for n in old.notes)
+    assert not [n for n in new.notes + cuda.notes if n.startswith("device:")]
+
+
 def test_no_ok_parent_row_means_no_comparison_columns_and_a_note():
     (table,) = build_tables([record("lolcats", "mmlu5", {"acc": {"value": 0.3, "stderr": 0.01, "n": 9}}),
                              record("softmax", "mmlu5", {}, status="timeout")])

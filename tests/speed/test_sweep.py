@@ -239,6 +239,22 @@ def test_resume_reuses_records(capsys, tmp_path, fakes):
     assert {r["status"] for r in records(results)} == {"ok"}
 
 
+def test_records_from_another_cpu_are_not_reused(capsys, tmp_path, fakes, monkeypatch):
+    """The device names the CPU model and ISA: a sweep on another machine of the same
+    architecture measures again instead of reusing (or estimating from) the first one's
+    rows (two CPUs reported as "cpu: x86_64" differed 4.5x in one bf16 fwd+bwd shape)."""
+    from linbench.records import provenance
+    results = tmp_path / "r"
+    args = [*SMALL, "--methods", "fake-linear", "--mode", "fwd", "--results", str(results)]
+    monkeypatch.setattr(provenance, "cpu_model", lambda: "CPU One")
+    assert cli(capsys, *args)[0] == 0
+    monkeypatch.setattr(provenance, "cpu_model", lambda: "CPU Two")
+    code, _, err = cli(capsys, *args)
+    assert code == 0 and "reusing" not in err
+    devices = sorted({r["details"]["device"].split(" (")[0] for r in records(results)})
+    assert devices == ["cpu: CPU One", "cpu: CPU Two"] and len(records(results)) == 6
+
+
 def test_a_shape_that_killed_the_process_is_an_oom_row_next_time(capsys, tmp_path, fakes):
     """A process killed while measuring a shape (SIGKILL, as the OS out-of-memory killer
     does) leaves its marker; the resumed sweep records that shape "oom" with a note instead
