@@ -13,6 +13,7 @@ import dataclasses
 
 from linbench import registry
 from linbench.errors import LinbenchError
+from linbench.records.schema import method_label as label  # noqa: F401 - the name runs use
 
 
 def parse_value(text: str):
@@ -76,12 +77,3 @@ def resolve(methods: list[str], items: list[str]) -> dict[str, dict]:
                                     f"like {default!r}")
             out[m][field] = value
     return out
-
-
-def label(method: str, overrides: dict) -> str:
-    """The name a run with overrides is stored and reported under."""
-    if not overrides:
-        return method
-    inner = ",".join(f"{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}"
-                     for k, v in sorted(overrides.items()))
-    return f"{method}[{inner}]"

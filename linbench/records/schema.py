@@ -27,6 +27,16 @@ REQUIRED = ("schema_version", "run_id", "created", "model", "method", "suite", "
             "config_hash", "status", "metrics")
 
 
+def method_label(method: str, overrides: dict) -> str:
+    """The name a run with config overrides is stored and reported under:
+    `lolcats[window=32]`, fields sorted, sequences joined with commas."""
+    if not overrides:
+        return method
+    inner = ",".join(f"{k}={','.join(map(str, v)) if isinstance(v, (tuple, list)) else v}"
+                     for k, v in sorted(overrides.items()))
+    return f"{method}[{inner}]"
+
+
 def build(*, env: dict, model: dict, method: str, suite: str, suite_version: str, config: dict,
           config_hash: str, dtype: str, seeds: dict, context: dict, recovery: list,
           state_bytes: dict, status: str, metrics: dict, details: dict, seconds: float,

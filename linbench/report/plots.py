@@ -116,11 +116,12 @@ def _lengths_text(failed: list[int], lengths: list[int]) -> str:
     return "T=" + ", ".join(fmt_length(t) for t in failed)
 
 
-def _series(r: dict) -> tuple:
-    """(method, mode label) of a speed row: "fwd", or "fwd x4" for 4 processes."""
+def _series(r: dict, name: str) -> tuple:
+    """(row name, mode label) of a speed row: "fwd", or "fwd x4" for 4 processes; the row
+    name is the table's (a method, or `method[field=value]` for rows of an older config)."""
     nproc = r["details"].get("nproc") or 1
     mode = r["details"].get("mode")
-    return r.get("method"), (f"{mode} x{nproc}" if nproc > 1 else mode)
+    return name, (f"{mode} x{nproc}" if nproc > 1 else mode)
 
 
 def speed_figure(table, colors: dict) -> Figure | None:
@@ -130,9 +131,9 @@ def speed_figure(table, colors: dict) -> Figure | None:
     listed in the legend ("softmax fwd: timeout, T >= 128k"), not written over the plot."""
     styles = {"fwd": "-", "prefill": "-", "fwdbwd": "--", "decode": ":"}
     series: dict[tuple, list[dict]] = {}
-    for r in table.records:
+    for r, row in zip(table.records, table.rows):
         if (r.get("details") or {}).get("seqlen"):
-            series.setdefault(_series(r), []).append(r)
+            series.setdefault(_series(r, row[0].text), []).append(r)
     if not series:
         return None
     fig = Figure(figsize=(12, 4.8), layout="constrained")
@@ -145,7 +146,7 @@ def speed_figure(table, colors: dict) -> Figure | None:
             pts = [(t, y) for t, y in pts if y is not None and y > 0]
             if pts:
                 ax.plot(*zip(*pts), marker="o", ms=4, ls=styles.get(str(mode).split(" x")[0], "-."),
-                        color=colors.get(method), label=f"{method} {mode}")
+                        color=colors.get(recs[0].get("method")), label=f"{method} {mode}")
         for r in recs:
             if r.get("status") != "ok":
                 failed.setdefault((method, mode, r.get("status")), []).append(
@@ -170,7 +171,7 @@ def speed_figure(table, colors: dict) -> Figure | None:
         labels.append("failed (x at top):")
         for (method, mode, status), ts in failed.items():
             handles.append(Line2D([], [], marker="x", ls="none", ms=5, mew=1.5,
-                                  color=colors.get(method)))
+                                  color=colors.get(method.split("[")[0])))
             labels.append(f"{method} {mode}: {status}, {_lengths_text(ts, lengths)}")
     fig.legend(handles, labels, loc="outside right upper", fontsize=8, handlelength=3.5)
     fig.suptitle(table.title, fontsize=9, x=0.01, ha="left")  # clear of the legend at the right

@@ -7,11 +7,13 @@ linbench.records.keys. Throughput is compared with the parent row (method_role "
 of the same mode and sequence length. Rows measured over several processes
 (`linbench speed --nproc N`, LASP-2 sequence parallelism; details["nproc"]) sit beside the
 one-process rows in a "procs" column, shown when a table has any; their peak memory is the
-largest rank's.
+largest rank's. A method whose rows were measured under different configurations (its
+default changed between sweeps) has them told apart by `row_names`.
 """
 from __future__ import annotations
 
 from linbench.report import meta as plugin_meta
+from linbench.records.schema import method_label
 from linbench.report.cells import Cell, state_bytes_of
 from linbench.units import fmt_bytes, fmt_count
 
@@ -50,6 +52,27 @@ def setup_notes(recs: list[dict]) -> list[str]:
     return [f"{text} ({', '.join(map(str, who))})" for text, who in groups.items()]
 
 
+def row_names(recs: list[dict]) -> list[str]:
+    """Each record's row name: its method, and, where the table holds that method's rows
+    under more than one method configuration (a default changed between sweeps, e.g. a
+    feature map), the fields in which the row's configuration differs from the method's
+    newest row's, named as --set variants are: `deltanet[feature_map=silu_l2]`. Fields
+    that one of the two configurations lacks (added to the method later) are not
+    compared."""
+    newest: dict = {}
+    for r in recs:
+        m = r.get("method")
+        if m not in newest or str(r.get("created")) > str(newest[m].get("created")):
+            newest[m] = r
+    names = []
+    for r in recs:
+        ref = ((newest[r.get("method")].get("config") or {}).get("method")) or {}
+        mine = ((r.get("config") or {}).get("method")) or {}
+        differ = {k: v for k, v in mine.items() if k != "name" and k in ref and ref[k] != v}
+        names.append(method_label(str(r.get("method") or "?"), differ))
+    return names
+
+
 def _nproc(rec: dict) -> int:
     """Processes the row ran on (records without details["nproc"]: 1)."""
     return _details(rec).get("nproc") or 1
@@ -66,7 +89,7 @@ def speed_table(recs: list[dict]):
                "ms q20-q80", "tokens/s",
                f"tokens/s vs {who}", "peak mem", "state bytes", "backend", *[c[1] for c in gpu]]
     rows, notes = [], []
-    for r in recs:
+    for r, name in zip(recs, row_names(recs)):
         d = _details(r)
         ms, tps = _value(r, "ms"), _value(r, "tokens_per_s")
         q20, q80 = d.get("ms_q20"), d.get("ms_q80")
@@ -81,7 +104,7 @@ def speed_table(recs: list[dict]):
         sb = d.get("state_bytes")
         if sb is None:
             sb = state_bytes_of(r)[0]
-        row = [Cell(r.get("method") or "?", f"{plugin_meta.row_rank(r)[0]} {r.get('method')}"),
+        row = [Cell(name, f"{plugin_meta.row_rank(r)[0]} {name}"),
                Cell(d.get("mode") or "-"), Cell(str(d.get("seqlen", "-")), d.get("seqlen")),
                *[Cell(str(_nproc(r)), _nproc(r))] * procs, Cell(r.get("status") or "?"),
                Cell("-" if ms is None else f"{ms:.4g}", ms),
@@ -93,7 +116,7 @@ def speed_table(recs: list[dict]):
         rows.append(row)
         if r.get("status") != "ok":
             where = f" nproc={_nproc(r)}" if _nproc(r) > 1 else ""
-            notes.append(f"{r.get('method')}{where} {d.get('mode')} T={d.get('seqlen')}: "
+            notes.append(f"{name}{where} {d.get('mode')} T={d.get('seqlen')}: "
                          f"{r.get('status')}"
                          + (f": {why}" if (why := r.get("error") or d.get("note")) else ""))
     if procs:

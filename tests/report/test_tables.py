@@ -3,6 +3,7 @@ import copy
 import pytest
 
 from linbench.report.build import build_tables, provenance, tables
+from linbench.report.plots import speed_figure
 from tests.report.records import ROLES, record, speed, suite_meta, synthetic_records
 
 
@@ -121,6 +122,27 @@ def test_a_speed_table_whose_records_name_only_the_cpu_architecture_says_so():
     assert any(n.startswith("device: these records name only the CPU architecture")
                for n in old.notes)
     assert not [n for n in new.notes + cuda.notes if n.startswith("device:")]
+
+
+def test_a_method_measured_under_two_configs_has_its_older_rows_named_by_the_difference():
+    """A default that changed between sweeps (deltanet's feature map) must not give one row
+    name to two configurations: the older rows are named as a --set variant would be."""
+    old = [speed("gla", "fwd", 4096), speed("gla", "fwd", 16384)]
+    new = copy.deepcopy(old)
+    for r in old:
+        r["config"] = {"method": {"name": "gla", "feature_map": "silu_l2", "lora_r": 8}}
+    for r in new:
+        r["config"] = {"method": {"name": "gla", "feature_map": "hedgehog", "lora_r": 8,
+                                  "added_later": 1}}
+        r["created"] = "2026-01-01T00:00:00Z"
+    (table,) = build_tables([speed("softmax", "fwd", 4096), *old, *new])
+    names = sorted({(row["method"], row["seqlen"]) for row in _rows(table)})
+    assert names == [("gla", "16384"), ("gla", "4096"), ("gla[feature_map=silu_l2]", "16384"),
+                     ("gla[feature_map=silu_l2]", "4096"), ("softmax", "4096")]
+    (alone,) = build_tables([speed("softmax", "fwd", 4096), *new])
+    assert {row["method"] for row in _rows(alone)} == {"softmax", "gla"}
+    plots = speed_figure(table, {"gla": "C1", "softmax": "C0"}).axes[0].get_legend_handles_labels()
+    assert "gla[feature_map=silu_l2] fwd" in plots[1] and "gla fwd" in plots[1]
 
 
 def test_no_ok_parent_row_means_no_comparison_columns_and_a_note():
