@@ -145,7 +145,8 @@ def speed_figure(table, colors: dict) -> Figure | None:
             pts = [(r["details"]["seqlen"], get(r)) for r in recs if r.get("status") == "ok"]
             pts = [(t, y) for t, y in pts if y is not None and y > 0]
             if pts:
-                ax.plot(*zip(*pts), marker="o", ms=4, ls=styles.get(str(mode).split(" x")[0], "-."),
+                ax.plot(*zip(*pts), marker="s" if "[" in method else "o", ms=4,  # older config
+                        ls=styles.get(str(mode).split(" x")[0], "-."),
                         color=colors.get(recs[0].get("method")), label=f"{method} {mode}")
         for r in recs:
             if r.get("status") != "ok":
