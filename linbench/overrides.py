@@ -13,7 +13,6 @@ import dataclasses
 
 from linbench import registry
 from linbench.errors import LinbenchError
-from linbench.records.schema import method_label as label  # noqa: F401 - the name runs use
 
 
 def parse_value(text: str):

@@ -28,7 +28,7 @@ from linbench import estimate, registry
 from linbench.assets import models
 from linbench.errors import LinbenchError
 from linbench.records import provenance, schema
-from linbench.overrides import label
+from linbench.records.schema import method_label as label
 from linbench.records.store import Store, nonfinite, writable_dir
 from linbench.recovery import dist
 from linbench.recovery.stages import stages_of

@@ -68,6 +68,12 @@ def device_name(device: str) -> str:
     return f"cpu: {cpu_model()} ({isa}) x{torch.get_num_threads()} threads"
 
 
+def names_cpu_model(device: str) -> bool:
+    """False for a CPU device string made before `device_name` named the model and ISA
+    ("cpu: x86_64 x1 threads"): such records may come from different machines."""
+    return not device.startswith("cpu:") or "(" in device
+
+
 def environment(device: str) -> dict:
     from linbench import __version__
     return {"linbench": __version__, "git": git_info(), "versions": versions(),

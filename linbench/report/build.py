@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from linbench.records import keys
+from linbench.records.provenance import names_cpu_model
 from linbench.report import meta as plugin_meta
 from linbench.report import speed_table as report_speed
 from linbench.report import stats
@@ -265,7 +266,7 @@ def device_notes(recs: list[dict]) -> list[str]:
     (records made before linbench recorded the CPU model and ISA): one string then covers
     machines that differ several-fold in speed."""
     devices = {str((r.get("details") or {}).get("device") or r.get("device")) for r in recs}
-    if not any(d.startswith("cpu:") and "(" not in d for d in devices):
+    if all(names_cpu_model(d) for d in devices):
         return []
     return ["device: these records name only the CPU architecture (made before linbench "
             "recorded the CPU model), so rows may come from different machines; rows made "

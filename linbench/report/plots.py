@@ -131,9 +131,11 @@ def speed_figure(table, colors: dict) -> Figure | None:
     listed in the legend ("softmax fwd: timeout, T >= 128k"), not written over the plot."""
     styles = {"fwd": "-", "prefill": "-", "fwdbwd": "--", "decode": ":"}
     series: dict[tuple, list[dict]] = {}
+    method_of: dict[str, str] = {}  # row name -> method (a name differs for an older config)
     for r, row in zip(table.records, table.rows):
         if (r.get("details") or {}).get("seqlen"):
             series.setdefault(_series(r, row[0].text), []).append(r)
+            method_of[row[0].text] = r.get("method")
     if not series:
         return None
     fig = Figure(figsize=(12, 4.8), layout="constrained")
@@ -145,9 +147,10 @@ def speed_figure(table, colors: dict) -> Figure | None:
             pts = [(r["details"]["seqlen"], get(r)) for r in recs if r.get("status") == "ok"]
             pts = [(t, y) for t, y in pts if y is not None and y > 0]
             if pts:
-                ax.plot(*zip(*pts), marker="s" if "[" in method else "o", ms=4,  # older config
+                older = method != method_of[method]  # an older config: square markers
+                ax.plot(*zip(*pts), marker="s" if older else "o", ms=4,
                         ls=styles.get(str(mode).split(" x")[0], "-."),
-                        color=colors.get(recs[0].get("method")), label=f"{method} {mode}")
+                        color=colors.get(method_of[method]), label=f"{method} {mode}")
         for r in recs:
             if r.get("status") != "ok":
                 failed.setdefault((method, mode, r.get("status")), []).append(
@@ -172,7 +175,7 @@ def speed_figure(table, colors: dict) -> Figure | None:
         labels.append("failed (x at top):")
         for (method, mode, status), ts in failed.items():
             handles.append(Line2D([], [], marker="x", ls="none", ms=5, mew=1.5,
-                                  color=colors.get(method.split("[")[0])))
+                                  color=colors.get(method_of[method])))
             labels.append(f"{method} {mode}: {status}, {_lengths_text(ts, lengths)}")
     fig.legend(handles, labels, loc="outside right upper", fontsize=8, handlelength=3.5)
     fig.suptitle(table.title, fontsize=9, x=0.01, ha="left")  # clear of the legend at the right

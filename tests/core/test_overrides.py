@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from linbench.records.schema import method_label
 from linbench import overrides
 from linbench.errors import LinbenchError
 
@@ -35,8 +36,8 @@ def test_bad_overrides_are_one_line_errors(items, needle):
 
 
 def test_label_names_the_overrides():
-    assert overrides.label("liger", {}) == "liger"
-    assert overrides.label("liger", {"window": 32, "softmax_every": 7}) == "liger[softmax_every=7,window=32]"
+    assert method_label("liger", {}) == "liger"
+    assert method_label("liger", {"window": 32, "softmax_every": 7}) == "liger[softmax_every=7,window=32]"
 
 
 def test_overrides_change_the_method_the_record_path_and_the_hash(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from linbench.records.schema import method_label
 from linbench import overrides, registry
 from linbench.errors import LinbenchError
 from linbench.methods import io
@@ -123,7 +124,7 @@ def test_the_adapter_reaches_the_config_label_and_checkpoint_key():
     chosen = overrides.resolve(["lolcats"], ["lolcats.adapter=pissa"])["lolcats"]
     method = registry.methods.get("lolcats")(**chosen)
     assert method.config_dict()["adapter"] == "pissa"
-    assert overrides.label("lolcats", chosen) == "lolcats[adapter=pissa]"
+    assert method_label("lolcats", chosen) == "lolcats[adapter=pissa]"
     keys = {cache.checkpoint_dir("/c", "h", registry.methods.get("lolcats")(adapter=a).config_dict(),
                                  {}, "float32") for a in ADAPTERS}
     assert len(keys) == len(ADAPTERS)

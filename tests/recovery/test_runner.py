@@ -171,7 +171,7 @@ def _plan(env, limit=None, device="cpu"):
 
 def test_the_budget_sets_the_lora_lr_of_recovering_methods_and_set_wins(env):
     from linbench import run as runner
-    from linbench.overrides import label
+    from linbench.records.schema import method_label as label
     plan = _plan(env)
     for budget, sets, want in (("cpu", {}, 1e-3), ("paper", {}, 1e-4), ("smoke", {}, 1e-4),
                                ("cpu,lora_lr=3e-4", {}, 3e-4),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from linbench.records.schema import method_label
 from linbench import registry
 from linbench.errors import LinbenchError
 from linbench.methods import io
@@ -116,7 +117,7 @@ def test_auto_spec_parses_and_reaches_the_checkpoint_key():
     assert auto_softmax(LinearConfig(keep_softmax_layers=(0, 3))) is None
     from linbench import overrides
     chosen = overrides.resolve(["lolcats"], ["lolcats.keep_softmax_layers=auto:1"])["lolcats"]
-    assert overrides.label("lolcats", chosen) == "lolcats[keep_softmax_layers=auto:1]"
+    assert method_label("lolcats", chosen) == "lolcats[keep_softmax_layers=auto:1]"
     keys = {cache.checkpoint_dir("/c", "h", registry.methods.get("lolcats")(
         keep_softmax_layers=s).config_dict(), {}, "float32") for s in ("auto:1", "auto_kl:1", "auto:2", ())}
     assert len(keys) == 4
