@@ -242,7 +242,7 @@ def test_resume_reuses_records(capsys, tmp_path, fakes):
 def test_records_from_another_cpu_are_not_reused(capsys, tmp_path, fakes, monkeypatch):
     """The device names the CPU model and ISA: a sweep on another machine of the same
     architecture measures again instead of reusing (or estimating from) the first one's
-    rows (two CPUs reported as "cpu: x86_64" differed 4.5x in one bf16 fwd+bwd shape)."""
+    rows (two CPUs reported as "cpu: x86_64" differed 4.8x in one bf16 fwd+bwd shape)."""
     from linbench.records import provenance
     results = tmp_path / "r"
     args = [*SMALL, "--methods", "fake-linear", "--mode", "fwd", "--results", str(results)]
