@@ -71,6 +71,7 @@ class Method:
 ADAPTERS = ("lora", "pissa", "eva", "corda", "bone")
 INITS = ("calibrated", "paper")  # see LinearConfig.init
 DISTILL = (None, "new", "all")   # see LinearConfig.distill
+TRANSFERS = (None, "mse", "ce")  # see LinearConfig.transfer
 # keep_softmax_layers="auto:N" ranks layers by held-out attention-transfer MSE, "auto_kl:N"
 # by the KL of the next-token distribution with only that layer linearized.
 AUTO_CRITERIA = {"auto": "transfer_mse", "auto_kl": "kl"}
@@ -127,6 +128,8 @@ class LinearConfig(MethodConfig):
             raise one_of("init", self.init, INITS)
         if self.distill not in DISTILL:
             raise one_of("distill", self.distill, ("new", "all", "none"))
+        if self.transfer not in TRANSFERS:
+            raise one_of("transfer", self.transfer, ("mse", "ce", "none"))
         if not isinstance(self.transfer_blocks, int) or isinstance(self.transfer_blocks, bool) \
                 or self.transfer_blocks < 0:
             raise LinbenchError(f"transfer_blocks: bad value {self.transfer_blocks!r}; valid: 0 "
@@ -154,6 +157,16 @@ class LinearMethod(Method):
     config_cls = LinearConfig
     norm: ClassVar[bool] = False               # per-head RMSNorm before o_proj
     output_gate: ClassVar[bool] = False       # a new output gate before o_proj (OptionalOutputGate)
+
+    def __init__(self, config: LinearConfig | None = None, **overrides):
+        super().__init__(config, **overrides)
+        # "ce" distills attention weights: only mixers that form them (`weights`) can. A
+        # probe mixer of 2 heads x 64 dims: the check costs milliseconds and fails at
+        # planning, not after the model is loaded and calibrated
+        if self.config.transfer == "ce" and \
+                not hasattr(self.build_mixer(2, 64, 128, 0, 1), "weights"):
+            raise LinbenchError(f"transfer: 'ce' needs attention weights, which the {self.name} "
+                                f"mixer does not form; valid for {self.name}: mse, none")
 
     def build_mixer(self, heads: int, head_dim: int, hidden: int, layer: int, layers: int):
         raise NotImplementedError

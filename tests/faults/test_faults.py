@@ -343,3 +343,18 @@ def test_two_identical_runs_at_once_recover_once_and_share_the_records(env, tmp_
     assert len(list(ckpt.glob("*/model"))) == 1
     tables = [o for o, _ in outs]
     assert tables[0] == tables[1] and "lolcats" in tables[0]
+
+
+@pytest.mark.parametrize("method, value, needle", [
+    ("gla", "ce", "transfer: 'ce' needs attention weights, which the gla mixer does not form; "
+                  "valid for gla: mse, none"),
+    ("lolcats", "kl", "unknown transfer 'kl' (choose from: ce, mse, none)"),
+])
+def test_a_transfer_loss_the_mixer_cannot_take_is_one_line_exit_2(env, tmp_path, method, value, needle):
+    """Found at planning, before any model is loaded, not as a traceback after calibration."""
+    code, out, err = lb(*run_args(env, tmp_path / "r", tmp_path / "c", "--set",
+                                  f"{method}.transfer={value}", method=method))
+    assert code == 2
+    (line,) = err.strip().splitlines()
+    assert needle in line, line
+    _nothing_written(tmp_path / "r", tmp_path / "c")

@@ -1,8 +1,11 @@
 """Hedgehog's attention-distillation loss ("ce" transfer): computed in checkpointed query
 blocks, it equals the whole-matrix KL(softmax weights || linear weights) in value and in
-gradients, and its forward keeps no block's (B, H, block, T) weights for backward."""
+gradients, and its forward keeps no block's (B, H, block, T) weights for backward. The
+same loss on lolcats' hybrid (window softmax + linear, one normalizer): its weights are
+the ones its forward averages the values with."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from linbench import registry
@@ -12,8 +15,8 @@ from tests.conftest import make_tiny_llama
 T = 40
 
 
-def _setup():
-    model = registry.methods.get("hedgehog")().linearize(make_tiny_llama(vocab_size=256))
+def _setup(method="hedgehog", **fields):
+    model = registry.methods.get(method)(**fields).linearize(make_tiny_llama(vocab_size=256))
     torch.manual_seed(1)
     layer = linearized_layers(model)[0]
     for p in layer.new_parameters():  # off the identity-like start
@@ -34,8 +37,9 @@ def _reference(layer, h):
     return kl / (q.shape[0] * layer.heads * T)
 
 
-def test_blocked_checkpointed_loss_equals_the_whole_matrix():
-    layer, h = _setup()
+@pytest.mark.parametrize("method", ["hedgehog", "lolcats"])
+def test_blocked_checkpointed_loss_equals_the_whole_matrix(method):
+    layer, h = _setup(method, **({"window": 8} if method == "lolcats" else {}))
     params = layer.new_parameters()
     got = layer._attention_ce(h)
     want = _reference(layer, h)
@@ -58,3 +62,22 @@ def test_forward_keeps_no_block_of_weights():
         layer._attention_ce(h)
     block = h.q.shape[0] * layer.heads * layer.transfer_block * T  # one block of weights
     assert saved and max(saved) < block, (max(saved), block)
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_hybrid_window_weights_are_what_its_forward_averages_with(affine):
+    """lolcats' "ce" transfer distills HybridWindow.weights: weights @ v must be the
+    mixer's output (the kernel), every row sums to 1, the window holds gamma-scaled
+    softmax terms and older keys the linear ones, and gradients reach gamma and the maps."""
+    layer, h = _setup("lolcats", window=8, affine=affine)
+    mixer = layer.mixer
+    a = mixer.weights(h, 0, T)                                    # (B, H, T, T)
+    want = mixer(h, None, False)[0]                               # (B, T, H, D)
+    got = torch.einsum("bhij,bjhd->bihd", a, h.v.float())
+    torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a.sum(-1), torch.ones_like(a.sum(-1)), rtol=1e-5, atol=1e-5)
+    assert a[..., 20, 21:].abs().max() == 0                       # causal
+    assert (a[..., 20, 15] > 0).all() and (a[..., 20, 5] > 0).all()  # window and linear part
+    torch.testing.assert_close(mixer.weights(h, 10, 30), a[:, :, 10:30])
+    grads = torch.autograd.grad(layer._attention_ce(h), [mixer.gamma_logit, *mixer.fq.parameters()])
+    assert all(g.abs().sum() > 0 for g in grads)
