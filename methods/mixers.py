@@ -32,6 +32,7 @@ from torch import nn
 
 from linbench import kernels as K
 from linbench.kernels.common import segmented
+from linbench.kernels.window.reference import window_linear_weights
 
 # Token-heads (B * H * tokens) per segment of a streamed mixer (1M = 128k tokens at B1 H8).
 STREAM_TOKEN_HEADS = 1 << 20
@@ -353,15 +354,9 @@ class HybridWindow(nn.Module):
         """Normalized attention weights of queries i0..i1 over all keys (B, H, n, T), what
         `forward` averages the values with: gamma_h exp(s_ij - m_i) on the window, fq_i.fk_j
         on older keys, one normalizer. `transfer="ce"` distills them (Hedgehog's loss)."""
-        scale = h.q.shape[-1] ** -0.5 if self.scale is None else self.scale
-        T = h.k.shape[1]
-        d = torch.arange(i0, i1, device=h.q.device)[:, None] - torch.arange(T, device=h.q.device)[None]
-        win, old = (d >= 0) & (d < self.window), d >= self.window
-        s = torch.einsum("bihd,bjhd->bhij", h.q[:, i0:i1].float() * scale, h.k.float())
-        s = s.masked_fill(~win, float("-inf"))
-        e = torch.exp(s - s.amax(-1, keepdim=True)) * self.gamma().float()[:, None, None]
-        fq, fk = self.fq(h.q[:, i0:i1]).float(), self.fk(h.k).float()
-        a = e + torch.einsum("bihf,bjhf->bhij", fq, fk) * old
+        a = window_linear_weights(h.q.float(), h.k.float(), self.fq(h.q).float(), self.fk(h.k).float(),
+                                  window=self.window, gamma=self.gamma().float(), scale=self.scale,
+                                  rows=(i0, i1))
         return a / (a.sum(-1, keepdim=True) + 1e-6)
 
     @torch.no_grad()

@@ -351,7 +351,8 @@ def test_two_identical_runs_at_once_recover_once_and_share_the_records(env, tmp_
     ("lolcats", "kl", "unknown transfer 'kl' (choose from: ce, mse, none)"),
 ])
 def test_a_transfer_loss_the_mixer_cannot_take_is_one_line_exit_2(env, tmp_path, method, value, needle):
-    """Found at planning, before any model is loaded, not as a traceback after calibration."""
+    """Found at planning, before any model is loaded (it used to load the model, start
+    recovery and end in an error record, AttributeError, exit 1)."""
     code, out, err = lb(*run_args(env, tmp_path / "r", tmp_path / "c", "--set",
                                   f"{method}.transfer={value}", method=method))
     assert code == 2
