@@ -16,8 +16,6 @@ except ImportError:  # pragma: no cover
 
 import pytest
 
-import linbench  # noqa: F401,E402  (first: the Hub's `kernels` before this checkout's kernels/ shadows it)
-
 
 @pytest.fixture(scope="session")
 def smol_tokenizer():

@@ -1,7 +1,8 @@
-"""transformers 5.25+ imports the Hugging Face Hub package `kernels`; this checkout's own
-kernels/ folder has the same top-level name. Run from the checkout's root (as pytest and
-`python -m linbench` are), importing linbench must leave the installed package in place
-so that transformers can load models."""
+"""This checkout's kernels/ folder (installed as linbench.kernels) is found as the top-level
+name `kernels` wherever the checkout's root is on sys.path (pytest, `python -c` and
+`python -m` run from it). That is the name of the Hugging Face Hub package that
+transformers 5.25+ imports; the folder hands such an import over to the installed package,
+in any import order."""
 from __future__ import annotations
 
 import importlib.metadata
@@ -14,6 +15,37 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _from_root(code: str, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *flags, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_a_top_level_kernels_import_gets_the_installed_package(tmp_path):
+    """A stand-in Hub package right after the root on sys.path: `import kernels` returns it
+    (its own module object, its submodules importable), and linbench.kernels stays ours."""
+    hub = tmp_path / "site" / "kernels"
+    hub.mkdir(parents=True)
+    (hub / "__init__.py").write_text("WHO = 'hub'\n")
+    (hub / "layer.py").write_text("X = 1\n")
+    code = (f"import sys; sys.path.insert(1, {str(tmp_path / 'site')!r})\n"
+            "import kernels, kernels.layer\n"
+            "import linbench.kernels as ours\n"
+            "assert kernels.WHO == 'hub' and kernels.layer.X == 1, kernels.__file__\n"
+            "assert sys.modules['kernels'] is kernels and ours.linear_attention\n"
+            "print(kernels.__file__, ours.__file__)")
+    out = _from_root(code)
+    assert out.returncode == 0, out.stderr[-2000:]
+    theirs, ours = out.stdout.split()
+    assert Path(theirs) == hub / "__init__.py"
+    assert Path(ours).resolve() == ROOT / "kernels" / "__init__.py"
+
+
+def test_without_an_installed_package_import_kernels_fails_as_if_the_folder_were_absent():
+    out = _from_root("import kernels", "-S")  # -S: no site-packages, so no Hub package
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1] == "ModuleNotFoundError: No module named 'kernels'"
+
+
 def _installed() -> bool:
     try:
         importlib.metadata.distribution("kernels")
@@ -24,11 +56,14 @@ def _installed() -> bool:
 
 @pytest.mark.skipif(not _installed(), reason="the Hub's kernels package is not installed "
                                              "(transformers < 5.25 does not need it)")
-def test_linbench_keeps_the_hub_kernels_package_importable_from_the_checkout_root():
-    code = ("import linbench, kernels, sys; from transformers import modeling_utils; "
-            "from linbench import kernels as ours; "
-            "print(kernels.__file__); print(ours.__file__)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+@pytest.mark.parametrize("first", ["transformers", "linbench"])
+def test_transformers_loads_its_modeling_code_from_the_checkout_root(first):
+    other = "linbench" if first == "transformers" else "transformers"
+    code = (f"import {first}, {other}\n"
+            "from transformers import modeling_utils, LlamaForCausalLM\n"
+            "import kernels; from linbench import kernels as ours\n"
+            "print(kernels.__file__, ours.__file__)")
+    out = _from_root(code)
     assert out.returncode == 0, out.stderr[-2000:]
     hub, ours = out.stdout.split()
     assert "site-packages" in hub and Path(hub).resolve() != ROOT / "kernels" / "__init__.py"

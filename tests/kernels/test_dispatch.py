@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import linbench.kernels as K
+from linbench.kernels import dispatch
 from linbench.kernels.common import OPS
 from linbench.kernels.linear.chunked import linear_attention_chunked
 from linbench.kernels.window.chunked import (sliding_window_attention_chunked,
@@ -117,9 +118,9 @@ def test_triton_backend_routes_and_binds_chunk_size_only_if_accepted(monkeypatch
     assert seen["swa"] == 4
     # auto picks triton only for CUDA tensors whose kernel is available
     cuda_like = types.SimpleNamespace(is_cuda=True)
-    assert K._resolve("linear_attention", "auto", cuda_like, 64)[0] is linear_attention
-    assert K._resolve("delta_rule", "auto", cuda_like, 64)[0].__name__ == "delta_rule_chunked"
-    assert K._resolve("linear_attention", "auto", d["q"], 64)[0] is linear_attention_chunked
+    assert dispatch._resolve("linear_attention", "auto", cuda_like, 64)[0] is linear_attention
+    assert dispatch._resolve("delta_rule", "auto", cuda_like, 64)[0].__name__ == "delta_rule_chunked"
+    assert dispatch._resolve("linear_attention", "auto", d["q"], 64)[0] is linear_attention_chunked
 
 
 def test_missing_triton_kernel_is_a_clear_error(monkeypatch):
