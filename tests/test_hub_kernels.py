@@ -15,9 +15,23 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+OURS = ROOT / "kernels" / "__init__.py"
+
+
 def _from_root(code: str, *flags: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *flags, "-c", code], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
+
+
+def _files_of_kernels_and_ours(code: str) -> Path:
+    """Run `code` from the root, then print the files of `kernels` and `linbench.kernels`:
+    assert the second is this folder and return the first."""
+    out = _from_root(code + "\nimport kernels, linbench.kernels as ours\n"
+                            "print(kernels.__file__, ours.__file__)")
+    assert out.returncode == 0, out.stderr[-2000:]
+    theirs, ours = map(Path, out.stdout.split())
+    assert ours.resolve() == OURS
+    return theirs
 
 
 def test_a_top_level_kernels_import_gets_the_installed_package(tmp_path):
@@ -28,16 +42,10 @@ def test_a_top_level_kernels_import_gets_the_installed_package(tmp_path):
     (hub / "__init__.py").write_text("WHO = 'hub'\n")
     (hub / "layer.py").write_text("X = 1\n")
     code = (f"import sys; sys.path.insert(1, {str(tmp_path / 'site')!r})\n"
-            "import kernels, kernels.layer\n"
-            "import linbench.kernels as ours\n"
+            "import kernels, kernels.layer, linbench.kernels\n"
             "assert kernels.WHO == 'hub' and kernels.layer.X == 1, kernels.__file__\n"
-            "assert sys.modules['kernels'] is kernels and ours.linear_attention\n"
-            "print(kernels.__file__, ours.__file__)")
-    out = _from_root(code)
-    assert out.returncode == 0, out.stderr[-2000:]
-    theirs, ours = out.stdout.split()
-    assert Path(theirs) == hub / "__init__.py"
-    assert Path(ours).resolve() == ROOT / "kernels" / "__init__.py"
+            "assert sys.modules['kernels'] is kernels and linbench.kernels.linear_attention")
+    assert _files_of_kernels_and_ours(code) == hub / "__init__.py"
 
 
 def test_without_an_installed_package_import_kernels_fails_as_if_the_folder_were_absent():
@@ -59,12 +67,6 @@ def _installed() -> bool:
 @pytest.mark.parametrize("first", ["transformers", "linbench"])
 def test_transformers_loads_its_modeling_code_from_the_checkout_root(first):
     other = "linbench" if first == "transformers" else "transformers"
-    code = (f"import {first}, {other}\n"
-            "from transformers import modeling_utils, LlamaForCausalLM\n"
-            "import kernels; from linbench import kernels as ours\n"
-            "print(kernels.__file__, ours.__file__)")
-    out = _from_root(code)
-    assert out.returncode == 0, out.stderr[-2000:]
-    hub, ours = out.stdout.split()
-    assert "site-packages" in hub and Path(hub).resolve() != ROOT / "kernels" / "__init__.py"
-    assert Path(ours).resolve() == ROOT / "kernels" / "__init__.py"
+    hub = _files_of_kernels_and_ours(f"import {first}, {other}\n"
+                                     "from transformers import modeling_utils, LlamaForCausalLM")
+    assert "site-packages" in hub.parts and hub.resolve() != OURS
